@@ -1,0 +1,45 @@
+"""The `evonas` command line.
+
+Each module of this package adds its subcommands to the parser (`add_parsers`) and keeps
+its heavy imports (torch, sympy, ray, mlflow) inside the handlers, so `evonas --help` and
+argument errors answer at once. Every user-fixable problem ends in one line on stderr and
+exit status 2, before any work starts and before any file is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from evonas import __version__
+from evonas.errors import EvonasError
+
+EXIT_USAGE = 2
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (argparse's own print the usage block first)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def build_parser() -> Parser:
+    from evonas.cli import layers
+
+    parser = Parser(prog="evonas", description="Evolve normalization-activation layers.")
+    parser.add_argument("--version", action="version", version=f"evonas {__version__}")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    layers.add_parsers(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except EvonasError as err:
+        print(f"evonas {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130

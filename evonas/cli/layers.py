@@ -1,0 +1,141 @@
+"""Layer commands: `evonas zoo`, `ops`, `spaces`, `show`, `export` and `demo`.
+
+SPEC names a layer: a zoo name (`evonorm_s0`) or a genome JSON file (`found.json`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import keyword
+from pathlib import Path
+
+from evonas.errors import EvonasError
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("zoo", help="list the known layers with their formulas")
+    p.set_defaults(run=run_zoo, command="zoo")
+
+    p = sub.add_parser("ops", help="list the primitive ops and graph inputs")
+    p.set_defaults(run=run_ops, command="ops")
+
+    p = sub.add_parser("spaces", help="list the built-in search spaces")
+    p.set_defaults(run=run_spaces, command="spaces")
+
+    p = sub.add_parser("show", help="print a layer's formula (readable, LaTeX or genome JSON)")
+    p.add_argument("spec", metavar="SPEC", help="zoo name or genome JSON file")
+    form = p.add_mutually_exclusive_group()
+    form.add_argument("--latex", action="store_true", help="print the formula as LaTeX")
+    form.add_argument("--json", action="store_true", help="print the genome as JSON")
+    p.set_defaults(run=run_show, command="show")
+
+    p = sub.add_parser("export", help="write a layer as one standalone torch module file")
+    p.add_argument("spec", metavar="SPEC", help="zoo name or genome JSON file")
+    p.add_argument("--out", required=True, metavar="FILE.py", help="file to write")
+    p.add_argument("--class-name", metavar="NAME", help="class name (default from the layer name)")
+    p.set_defaults(run=run_export, command="export")
+
+    p = sub.add_parser("demo", help="tour of the layer tools: zoo, export, random graphs, mutation")
+    p.add_argument("--out", default="runs/demo", metavar="DIR", help="where exported layers go")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random genomes shown")
+    p.set_defaults(run=run_demo, command="demo")
+
+
+def resolve_genome(spec: str):
+    """The genome SPEC names: a zoo layer or a genome file."""
+    from evonas import zoo
+    from evonas.genome import Genome
+
+    if spec in zoo.names():
+        return zoo.get(spec)
+    path = Path(spec)
+    if path.is_file():
+        return Genome.load(path)
+    raise EvonasError(f"{spec!r} is neither a zoo layer nor a genome file; "
+                      f"`evonas zoo` lists the layers ({', '.join(zoo.names()[:3])}, ...)")
+
+
+def default_class_name(genome) -> str:
+    if genome.name:
+        name = "".join(part[:1].upper() + part[1:] for part in genome.name.replace("-", "_").split("_"))
+        if name.isidentifier():
+            return name
+    return f"EvolvedNormAct{genome.structural_hash[:8]}"
+
+
+def check_output_file(out: str, suffix: str = ".py") -> Path:
+    path = Path(out)
+    if path.suffix != suffix:
+        raise EvonasError(f"--out {out}: the file name must end in {suffix}")
+    if path.is_dir():
+        raise EvonasError(f"--out {out} is a directory; give a file name like {out}/layer{suffix}")
+    if not path.parent.is_dir():
+        raise EvonasError(f"--out {out}: folder {path.parent} does not exist; create it first")
+    return path
+
+
+def check_class_name(name: str) -> str:
+    if not name.isidentifier() or keyword.iskeyword(name):
+        raise EvonasError(f"--class-name {name!r} is not a Python identifier; use e.g. MyNormAct")
+    return name
+
+
+def run_zoo(args) -> int:
+    from evonas import symbolic, zoo
+    from evonas.space import builtin_spaces, load_space
+
+    spaces = [load_space(s) for s in builtin_spaces()]
+    print(f"{'layer':<12} {'nodes':>5}  {'spaces':<22} formula (out = gamma * y + beta)")
+    for name in zoo.names():
+        g = zoo.get(name)
+        member = ",".join(s.name for s in spaces if s.contains(g)) or "-"
+        print(f"{name:<12} {len(g):>5}  {member:<22} y = {symbolic.formula(g)}")
+    return 0
+
+
+def run_ops(args) -> int:
+    from evonas.ops import describe
+
+    print(describe())
+    return 0
+
+
+def run_spaces(args) -> int:
+    from evonas.space import builtin_spaces, load_space
+
+    for name in builtin_spaces():
+        s = load_space(name)
+        print(f"{s.name:<11} {len(s.ops):>2} ops, <= {s.max_nodes} nodes, {s.groups} groups: "
+              f"{s.description}")
+    return 0
+
+
+def run_show(args) -> int:
+    from evonas import symbolic
+
+    genome = resolve_genome(args.spec)
+    if args.json:
+        print(genome.to_json())
+    elif args.latex:
+        print(symbolic.latex(genome))
+    else:
+        print(symbolic.equation(genome))
+        print(f"out = gamma * y + beta   ({len(genome)} nodes, hash {genome.structural_hash})")
+    return 0
+
+
+def run_export(args) -> int:
+    from evonas.export import export_file
+
+    path = check_output_file(args.out)
+    genome = resolve_genome(args.spec)
+    class_name = check_class_name(args.class_name or default_class_name(genome))
+    export_file(genome, path, class_name=class_name)
+    print(f"wrote {path} (class {class_name})")
+    return 0
+
+
+def run_demo(args) -> int:
+    from evonas.demo import run
+
+    return run(Path(args.out), seed=args.seed)
