@@ -57,7 +57,7 @@ def test_export_writes_a_module_that_runs_without_evonas(tmp_path):
 
 
 @pytest.mark.parametrize("make_args, message", [
-    (lambda d: ["show", "evonorm_z9"], "neither a zoo layer nor a genome file"),
+    (lambda d: ["show", "evonorm_z9"], "is neither a zoo layer, a genome file nor RUN:ID"),
     (lambda d: ["show", str(d / "bad.json")], "not valid JSON"),
     (lambda d: ["show", str(d / "unknown_op.json")], "unknown op 'warp'"),
     (lambda d: ["export", "evonorm_b0", "--out", str(d / "b0.py"), "--class-name", "1x"],

@@ -25,12 +25,13 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> Parser:
-    from evonas.cli import layers
+    from evonas.cli import layers, search
 
     parser = Parser(prog="evonas", description="Evolve normalization-activation layers.")
     parser.add_argument("--version", action="version", version=f"evonas {__version__}")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     layers.add_parsers(sub)
+    search.add_parsers(sub)
     return parser
 
 

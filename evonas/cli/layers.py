@@ -1,6 +1,7 @@
 """Layer commands: `evonas zoo`, `ops`, `spaces`, `show`, `export` and `demo`.
 
-SPEC names a layer: a zoo name (`evonorm_s0`) or a genome JSON file (`found.json`).
+SPEC names a layer: a zoo name (`evonorm_s0`), a genome JSON file (`found.json`), or a
+candidate of a search's run folder (`runs/s1:c000042`, `runs/s1:best`).
 """
 
 from __future__ import annotations
@@ -23,14 +24,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run_spaces, command="spaces")
 
     p = sub.add_parser("show", help="print a layer's formula (readable, LaTeX or genome JSON)")
-    p.add_argument("spec", metavar="SPEC", help="zoo name or genome JSON file")
+    p.add_argument("spec", metavar="SPEC", help="zoo name, genome JSON file or RUN:ID")
     form = p.add_mutually_exclusive_group()
     form.add_argument("--latex", action="store_true", help="print the formula as LaTeX")
     form.add_argument("--json", action="store_true", help="print the genome as JSON")
     p.set_defaults(run=run_show, command="show")
 
     p = sub.add_parser("export", help="write a layer as one standalone torch module file")
-    p.add_argument("spec", metavar="SPEC", help="zoo name or genome JSON file")
+    p.add_argument("spec", metavar="SPEC", help="zoo name, genome JSON file or RUN:ID")
     p.add_argument("--out", required=True, metavar="FILE.py", help="file to write")
     p.add_argument("--class-name", metavar="NAME", help="class name (default from the layer name)")
     p.set_defaults(run=run_export, command="export")
@@ -42,16 +43,20 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def resolve_genome(spec: str):
-    """The genome SPEC names: a zoo layer or a genome file."""
+    """The genome SPEC names: a zoo layer, a genome file or RUN:ID."""
     from evonas import zoo
     from evonas.genome import Genome
+    from evonas.search.results import load_run, split_run_spec
 
     if spec in zoo.names():
         return zoo.get(spec)
+    run_spec = split_run_spec(spec)
+    if run_spec is not None:
+        return load_run(run_spec[0]).genome(run_spec[1])
     path = Path(spec)
     if path.is_file():
         return Genome.load(path)
-    raise EvonasError(f"{spec!r} is neither a zoo layer nor a genome file; "
+    raise EvonasError(f"{spec!r} is neither a zoo layer, a genome file nor RUN:ID; "
                       f"`evonas zoo` lists the layers ({', '.join(zoo.names()[:3])}, ...)")
 
 

@@ -1,0 +1,146 @@
+"""Settings of a search, validated before any work starts.
+
+A SearchConfig is written once to the run folder (config.json) and read back on
+`--resume`, so a resumed search runs with the settings it started with. Defaults follow
+METHOD.md where the paper states them (quality: 20% accuracy after 100 steps; stability:
+gradient-norm ascent, reject above 1e8) and are sized for CPU workers elsewhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+from evonas.errors import EvonasError
+
+CONTROLLERS = ("evolution", "random")
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+    """Thresholds and sizes of the rejection stages.
+
+    numeric_scales: input scales of the numeric check (finite outputs and gradients).
+    stability_steps / stability_lr / stability_threshold: the paper's stability test,
+        gradient ascent on the network weights to maximise ||dL/dtheta||; a layer whose
+        gradient norm passes the threshold within the steps is rejected.
+    quality_steps / quality_threshold: after quality_steps of proxy training on each
+        architecture, a layer below quality_threshold validation accuracy on any of them
+        is rejected (the paper: 20% after 100 steps). The survivors' training goes on to
+        the proxy's full step count: the quality check is a checkpoint, not a second run.
+    """
+
+    numeric_scales: tuple[float, ...] = (1e-3, 1.0, 1e3)
+    stability_steps: int = 20
+    stability_lr: float = 1.0
+    stability_threshold: float = 1e8
+    stability_batch: int = 16
+    quality_steps: int = 100
+    quality_threshold: float = 0.2
+    quality_eval_size: int = 1000
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchConfig:
+    space: str = "norm_act"
+    budget: str = "2cpu-h"
+    dataset: str = "cifar10"
+    data_dir: str | None = None
+    seed: int = 0
+    controller: str = "evolution"
+    seed_zoo: bool = False
+    population_size: int = 50
+    tournament_size: int = 10
+    archs: tuple[str, ...] = ("resnet", "mobilenetv2", "efficientnet")
+    proxy_steps: int = 300
+    proxy_batch_size: int = 128
+    proxy_lr: float = 0.1
+    proxy_width: int = 16
+    proxy_eval_size: int | None = 2000
+    workers: int = 1
+    cpus_per_eval: float = 1.0
+    gpus_per_eval: float = 0.0
+    eval_time_limit_s: float = 1800.0
+    ray_address: str | None = None
+    tracking_uri: str | None = None
+    stages: StageConfig = StageConfig()
+
+    def __post_init__(self) -> None:
+        if self.controller not in CONTROLLERS:
+            raise EvonasError(f"--controller {self.controller!r}: use one of {', '.join(CONTROLLERS)}")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
+            raise EvonasError(f"--workers must be a whole number >= 0 (0: in this process), "
+                              f"got {self.workers!r}")
+        _check_gpu_share(self.gpus_per_eval)
+        _positive_int("--population", self.population_size)
+        _positive_int("--tournament", self.tournament_size)
+        _positive_int("--proxy-steps", self.proxy_steps)
+        _positive_int("--proxy-batch", self.proxy_batch_size)
+        _positive_int("--proxy-width", self.proxy_width)
+        if self.tournament_size > self.population_size:
+            raise EvonasError(f"--tournament {self.tournament_size} is larger than --population "
+                              f"{self.population_size}; use at most the population size")
+        if self.stages.quality_steps > self.proxy_steps:
+            raise EvonasError(f"quality check at step {self.stages.quality_steps} comes after the "
+                              f"proxy's {self.proxy_steps} steps; raise --proxy-steps")
+        if not self.archs:
+            raise EvonasError("--archs needs at least one proxy architecture")
+        if not (self.cpus_per_eval > 0 and math.isfinite(self.cpus_per_eval)):
+            raise EvonasError(f"--cpus-per-eval must be > 0, got {self.cpus_per_eval}")
+        if not (self.eval_time_limit_s > 0):
+            raise EvonasError(f"--eval-time-limit must be > 0 seconds, got {self.eval_time_limit_s}")
+        if not 0 <= self.stages.quality_threshold < 1:
+            raise EvonasError("the quality threshold is an accuracy in [0, 1)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "SearchConfig":
+        data = dict(data)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise EvonasError(f"config.json: unknown setting {unknown[0]!r}; was it written by "
+                              "another evonas version?")
+        stages = dict(data.pop("stages", {}))
+        if "numeric_scales" in stages:
+            stages["numeric_scales"] = tuple(stages["numeric_scales"])
+        if "archs" in data:
+            data["archs"] = tuple(data["archs"])
+        return cls(stages=StageConfig(**stages), **data)
+
+    def validate_parts(self) -> None:
+        """Check the named parts exist (space, architectures, budget, dataset) at once,
+        so a typo fails before Ray starts, not an hour in."""
+        from evonas.budget import parse_budget
+        from evonas.proxy.data import DATASETS
+        from evonas.proxy.models import ARCHS
+        from evonas.space import load_space
+
+        load_space(self.space)
+        parse_budget(self.budget)
+        for arch in self.archs:
+            if arch not in ARCHS:
+                raise EvonasError(f"--archs: unknown architecture {arch!r}; use any of "
+                                  f"{', '.join(ARCHS)}")
+        if self.dataset not in DATASETS:
+            raise EvonasError(f"--dataset {self.dataset!r}: use one of {', '.join(DATASETS)}")
+
+
+def _positive_int(flag: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise EvonasError(f"{flag} must be a whole number >= 1, got {value!r}")
+
+
+def _check_gpu_share(share: float) -> None:
+    # Ray's fractional GPUs are logical only: shares that do not divide a GPU evenly leave
+    # part of every GPU unusable (0.3 packs three, wasting a tenth).
+    if not (share >= 0 and math.isfinite(share)):
+        raise EvonasError(f"--gpus-per-eval must be >= 0, got {share}")
+    if 0 < share < 1 and abs(1 / share - round(1 / share)) > 1e-9:
+        raise EvonasError(f"--gpus-per-eval {share} does not divide a GPU evenly; use 1/k "
+                          "such as 0.5, 0.25 or 0.125")
+    if share > 1 and share != int(share):
+        raise EvonasError(f"--gpus-per-eval {share}: above 1, use a whole number of GPUs")

@@ -1,0 +1,120 @@
+"""One candidate's evaluation on a worker: stability, then quality and proxy fitness.
+
+`evaluate_candidate(payload) -> dict` is the function the engine runs on Ray workers; it
+takes and returns plain JSON types (the candidate, the search config) and never raises
+for a bad layer: a rejection is an Evaluation with its stage and reason. Exceptions that
+do escape are bugs or broken workers, and the engine records them as failed candidates.
+
+Order, cheapest rejection first:
+1. stability: the paper's gradient-norm ascent on the first proxy architecture;
+2. quality: every architecture trains `quality_steps` steps, then is scored on a slice of
+   the validation set; below the threshold on any architecture rejects the layer;
+3. proxy: the survivors' trainings continue (same models, same schedule) to proxy_steps
+   and their validation accuracies are the fitness, one objective per architecture.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import numpy as np
+import torch
+
+from evonas.genome import Genome
+from evonas.interpreter import layer_factory
+from evonas.proxy.data import load_dataset
+from evonas.proxy.models import build_model
+from evonas.proxy.train import ProxyConfig, ProxyTrainer
+from evonas.records import FAILED, REJECTED, SURVIVOR, Candidate, Evaluation
+from evonas.search.config import SearchConfig
+from evonas.search.rejection import stability_check
+from evonas.space import load_space
+
+
+def candidate_seed(search_seed: int, candidate_id: str) -> int:
+    """Training seed of a candidate: fixed by the search seed and the candidate's id, so a
+    re-run of the same search trains every candidate identically."""
+    digits = int("".join(ch for ch in candidate_id if ch.isdigit()) or 0)
+    return int(np.random.SeedSequence([search_seed, digits]).generate_state(1)[0])
+
+
+def _device(config: SearchConfig) -> str:
+    return "cuda" if config.gpus_per_eval > 0 and torch.cuda.is_available() else "cpu"
+
+
+def _proxy_config(config: SearchConfig, arch: str) -> ProxyConfig:
+    return ProxyConfig(arch=arch, width=config.proxy_width, steps=config.proxy_steps,
+                       batch_size=config.proxy_batch_size, lr=config.proxy_lr,
+                       eval_size=config.proxy_eval_size)
+
+
+def evaluate_candidate(payload: dict) -> dict:
+    candidate = Candidate.from_dict(payload["candidate"])
+    config = SearchConfig.from_dict(payload["config"])
+    deadline = time.monotonic() + config.eval_time_limit_s
+    ev = Evaluation(candidate.candidate_id, SURVIVOR, device="gpu" if _device(config) == "cuda" else "cpu",
+                    share=config.gpus_per_eval if _device(config) == "cuda" else config.cpus_per_eval,
+                    worker=f"{socket.gethostname()}:{os.getpid()}")
+    genome = Genome.from_dict(candidate.genome)
+    groups = load_space(config.space).groups
+    factory = layer_factory(genome, groups=groups)
+    data = load_dataset(config.dataset, config.data_dir, seed=config.seed)
+    seed = candidate_seed(config.seed, candidate.candidate_id)
+    device = _device(config)
+
+    if not _stability(ev, factory, data, config, seed, device):
+        return ev.to_dict()
+    trainers = {arch: ProxyTrainer(factory, _proxy_config(config, arch), data, seed=seed,
+                                   device=device, deadline=deadline) for arch in config.archs}
+    if not _train_stage(ev, "quality", trainers, config.stages.quality_steps,
+                        config.stages.quality_eval_size, config.stages.quality_threshold):
+        return ev.to_dict()
+    if not _train_stage(ev, "proxy", trainers, config.proxy_steps, config.proxy_eval_size, None):
+        return ev.to_dict()
+    ev.fitness = {arch: ev.metrics[f"proxy_acc.{arch}"] for arch in config.archs}
+    return ev.to_dict()
+
+
+def _stability(ev: Evaluation, factory, data, config: SearchConfig, seed: int, device: str) -> bool:
+    s = config.stages
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_model(config.archs[0], factory, config.proxy_width,
+                            num_classes=data.num_classes).to(device)
+    x, y = data.train_x[: s.stability_batch].to(device), data.train_y[: s.stability_batch].to(device)
+    verdict = stability_check(model, x, y, steps=s.stability_steps, lr=s.stability_lr,
+                              threshold=s.stability_threshold)
+    ev.stage_seconds["stability"] = verdict.seconds
+    ev.metrics.update(verdict.metrics)
+    if not verdict.passed:
+        ev.status, ev.reject_stage, ev.reject_reason = REJECTED, "stability", verdict.reason
+    return verdict.passed
+
+
+def _train_stage(ev: Evaluation, stage: str, trainers: dict, until: int, eval_size: int | None,
+                 threshold: float | None) -> bool:
+    """Train every architecture up to step `until`, score it, and apply the threshold."""
+    start = time.perf_counter()
+    try:
+        for arch, trainer in trainers.items():
+            trainer.train_until(until)
+            acc = trainer.evaluate(eval_size) if trainer.reason is None else 0.0
+            if trainer.timed_out:  # says nothing of the layer: failed, not rejected
+                ev.status, ev.reject_stage = FAILED, stage
+                ev.reject_reason = f"evaluation time limit reached on {arch}"
+                return False
+            if trainer.diverged:
+                ev.status, ev.reject_stage = REJECTED, stage
+                ev.reject_reason = f"{trainer.reason} on {arch}"
+                return False
+            ev.metrics[f"{stage}_acc.{arch}"] = acc
+            if threshold is not None and acc < threshold:
+                ev.status, ev.reject_stage = REJECTED, stage
+                ev.reject_reason = (f"accuracy {acc:.3f} < {threshold:g} after {until} steps "
+                                    f"on {arch}")
+                return False
+        return True
+    finally:
+        ev.stage_seconds[stage] = time.perf_counter() - start

@@ -1,0 +1,156 @@
+"""`evonas search` end to end, as a user runs it: real processes, a real MLflow store,
+real Ray, real (tiny) proxy trainings on synthetic data, and a SIGKILL mid-search."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+
+# Tiny proxies: a candidate costs about a second on one CPU thread.
+TINY = ["--dataset", "synthetic", "--archs", "resnet", "--proxy-steps", "12",
+        "--quality-steps", "6", "--quality-threshold", "0.05", "--proxy-batch", "32",
+        "--proxy-width", "8", "--stability-steps", "2", "--population", "4", "--tournament", "2"]
+
+
+def evonas(*args, check=True, timeout=600):
+    out = subprocess.run([sys.executable, "-m", "evonas", *map(str, args)], capture_output=True,
+                         text=True, timeout=timeout)
+    if check:
+        assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def state(run: Path) -> dict:
+    return json.loads((run / "state.json").read_text())
+
+
+def child_runs(run: Path, parent: str, where: str = ""):
+    mlflow.set_tracking_uri(f"sqlite:///{run.resolve()}/mlflow.db")
+    query = f"tags.mlflow.parentRunId = '{parent}'" + (f" and {where}" if where else "")
+    return mlflow.search_runs(search_all_experiments=True, filter_string=query)
+
+
+def test_serial_search_records_every_candidate_and_exports_the_best(tmp_path):
+    run = tmp_path / "s1"
+    out = evonas("search", "--space", "norm_act_s", "--budget", "8evals", "--out", run,
+                 "--workers", "0", "--seed", "3", "--seed-zoo", *TINY)
+    assert "best:" in out.stdout
+    s = state(run)
+    assert len(s["evaluations"]) == 8
+    # --seed-zoo on the S space starts from its batch-independent zoo layers
+    mutations = [c["mutation"] for c in s["candidates"].values()]
+    assert "zoo:evonorm_s0" in mutations and not any("bn_" in m for m in mutations)
+    statuses = {e["status"] for e in s["evaluations"].values()}
+    assert statuses <= {"survivor", "rejected", "duplicate", "failed"} and "survivor" in statuses
+
+    children = child_runs(run, s["parent_run_id"])
+    assert len(children) == 8 and set(children["status"]) == {"FINISHED"}
+    assert set(children["tags.evonas.candidate_id"]) == set(s["evaluations"])
+    survivors = child_runs(run, s["parent_run_id"], "tags.`evonas.status` = 'survivor'")
+    assert len(survivors) == sum(e["status"] == "survivor" for e in s["evaluations"].values())
+    assert survivors["metrics.fitness.resnet"].notna().all()
+
+    top = evonas("top", run).stdout
+    assert "rank" in top and "survivor" in top
+    shown = evonas("show", f"{run}:best").stdout
+    assert shown.startswith("y = ")
+    evonas("export", f"{run}:best", "--out", tmp_path / "best.py", "--class-name", "Best")
+    assert "class Best(nn.Module)" in (tmp_path / "best.py").read_text()
+
+
+def test_same_seed_same_serial_search(tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        evonas("search", "--space", "act", "--budget", "6evals", "--out", tmp_path / name,
+               "--workers", "0", "--seed", "11", *TINY)
+        s = state(tmp_path / name)
+        runs.append([(cid, s["candidates"][cid]["genome"], s["evaluations"][cid]["status"],
+                      s["evaluations"][cid]["fitness"]) for cid in sorted(s["evaluations"])])
+    assert runs[0] == runs[1]
+
+
+def test_sigkill_loses_nothing_finished_and_resume_completes(tmp_path):
+    run = tmp_path / "k"
+    cmd = [sys.executable, "-m", "evonas", "search", "--space", "norm_act_s", "--budget",
+           "10evals", "--out", str(run), "--workers", "0", "--seed", "5", *TINY]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    seen = {}
+    while time.monotonic() < deadline:
+        if (run / "state.json").exists():
+            seen = state(run)["evaluations"]
+            if len(seen) >= 3:
+                break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = state(run)["evaluations"]
+    assert len(before) >= 3
+
+    evonas("search", "--resume", run)
+    after = state(run)
+    assert len(after["evaluations"]) == 10
+    for cid, ev in before.items():  # finished before the kill: kept as they were
+        assert after["evaluations"][cid] == ev
+    children = child_runs(run, after["parent_run_id"])
+    assert len(children) == 10 and set(children["status"]) == {"FINISHED"}
+    assert children["tags.evonas.candidate_id"].is_unique
+
+
+def test_search_on_local_ray_with_two_workers(tmp_path):
+    run = tmp_path / "ray"
+    evonas("search", "--space", "norm_act", "--budget", "6evals", "--out", run,
+           "--workers", "2", "--seed", "1", *TINY)
+    s = state(run)
+    assert len(s["evaluations"]) >= 6
+    workers = {e["worker"] for e in s["evaluations"].values() if e["worker"]}
+    assert workers and all(":" in w for w in workers)
+
+
+def test_failing_evaluations_are_recorded_and_the_search_goes_on(tmp_path):
+    run = tmp_path / "f"
+    evonas("search", "--space", "act", "--budget", "4evals", "--out", run, "--workers", "0",
+           "--eval-time-limit", "0.001", *TINY)
+    evs = state(run)["evaluations"].values()
+    assert len(evs) == 4
+    failed = [e for e in evs if e["status"] == "failed"]
+    assert failed and all("time limit" in e["reject_reason"] for e in failed)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--budget", "abc"], "abc"),
+    (["--budget", "5evals", "--space", "nope"], "unknown search space 'nope'"),
+    (["--budget", "5evals", "--archs", "resnet,vgg"], "unknown architecture 'vgg'"),
+    (["--budget", "5evals", "--dataset", "cifar10", "--data-dir", "{tmp}/nodata"],
+     "CIFAR-10 not found"),
+    (["--budget", "5evals", "--dataset", "imagenet"], "imagenet"),
+    (["--budget", "5evals", "--workers", "-1"], "--workers"),
+    (["--budget", "5evals", "--gpus-per-eval", "0.3"], "0.3"),
+    (["--out", "{tmp}/x"], "needs --budget"),
+])
+def test_bad_arguments_fail_before_any_work(tmp_path, args, message):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    if "--out" not in args:
+        args += ["--out", str(tmp_path / "run")]
+    if "--dataset" not in args:
+        args += ["--dataset", "synthetic"]
+    out = evonas("search", *args, check=False, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and message in out.stderr, out.stderr
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_an_existing_run_folder_is_not_overwritten(tmp_path):
+    run = tmp_path / "s"
+    evonas("search", "--space", "act", "--budget", "1evals", "--out", run, "--workers", "0", *TINY)
+    before = (run / "state.json").read_bytes()
+    out = evonas("search", "--space", "act", "--budget", "1evals", "--out", run, "--workers", "0",
+                 *TINY, check=False)
+    assert out.returncode == 2 and "--resume" in out.stderr
+    assert (run / "state.json").read_bytes() == before
