@@ -40,6 +40,7 @@ def exported_class(genome, folder: Path):
     export_file(genome, path, class_name="Layer")
     spec = importlib.util.spec_from_file_location(f"exported_{genome.name}", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # torch.compile re-imports the module by name
     spec.loader.exec_module(module)
     return module.Layer
 
@@ -79,6 +80,9 @@ def forms_for(name: str, folder: Path, args) -> dict:
         torch.manual_seed(0)  # same initial conv weights for every form
         steps[form] = make_step(resnet(factory, width=width, depth=depth))
     if args.compile:
+        # Every layer recompiles the same ResNet.forward: without a reset, dynamo's
+        # recompile limit (8) silently falls back to eager from the ninth layer on.
+        torch._dynamo.reset()
         torch.manual_seed(0)
         model = resnet(factories["exported"], width=width, depth=depth)
         steps["exported+compile"] = make_step(torch.compile(model))

@@ -54,5 +54,5 @@ def run(out: Path, seed: int = 0) -> int:
     for _ in range(3):
         genome, how = mutation.mutate(genome, space, rng)
         print(f"  after {how:<12} y = {symbolic.formula(genome)}")
-    print(f"\nNext: `evonas show evonorm_s0 --latex`, `evonas export evonorm_b0 --out b0.py`.")
+    print("\nNext: `evonas show evonorm_s0 --latex`, `evonas export evonorm_b0 --out b0.py`.")
     return 0

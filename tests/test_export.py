@@ -42,12 +42,6 @@ _module_ids = itertools.count()
 no_script_warning = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def load_module(genome, folder, class_name="EvolvedNormAct"):

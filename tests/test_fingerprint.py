@@ -28,12 +28,6 @@ S0_STEPS = [("mul", ["v1", "x"]), ("sigmoid", ["n1"]), ("mul", ["x", "n2"]), ("s
             ("div", ["n3", "n4"])]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def fp(*steps):

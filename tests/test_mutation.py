@@ -37,12 +37,6 @@ B0 = chain(("std_NHW", ["x"]), ("mul", ["v1", "x"]), ("std_HW", ["x"]), ("add", 
            ("max", ["n1", "n4"]), ("div", ["x", "n5"]), name="evonorm_b0")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @functools.cache

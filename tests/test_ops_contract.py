@@ -23,12 +23,6 @@ C, GROUPS = 4, 2
 _module_ids = itertools.count()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def smallest_genome(name):

@@ -19,7 +19,6 @@ from evonas.proxy import data as proxy_data
 from evonas.proxy.data import (CIFAR10_MEAN, CIFAR10_STD, load_cifar10_test, load_dataset,
                                make_synthetic)
 
-torch.set_num_threads(1)
 
 PER_BATCH = 60  # 5 x 60 = 300 training images
 N_TEST = 40

@@ -8,7 +8,6 @@ from evonas.errors import EvonasError
 from evonas.proxy.models import (ARCHS, PROXY_ARCHS, BatchNormReLU, SqueezeExcite, bn_relu,
                                  build_model)
 
-torch.set_num_threads(1)
 
 
 class ScaleLayer(nn.Module):

@@ -12,7 +12,6 @@ from evonas.proxy.data import make_synthetic
 from evonas.proxy.models import PROXY_ARCHS, bn_relu
 from evonas.proxy.train import ProxyConfig, ProxyResult, lr_at, random_crop_flip, train_proxy
 
-torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

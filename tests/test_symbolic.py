@@ -33,12 +33,6 @@ LAYER = chain(("mean_CHW", ["x"]), ("neg", ["n1"]), ("add", ["x", "n2"]), ("rms_
 ADVERSARIAL = chain(("add", ["x", "x"]), *[("add", [f"n{k}", f"n{k}"]) for k in range(1, 64)])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("genome, text", [

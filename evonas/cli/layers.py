@@ -117,6 +117,7 @@ def run_spaces(args) -> int:
 
 def run_show(args) -> int:
     from evonas import symbolic
+    from evonas.search.results import split_run_spec
 
     genome = resolve_genome(args.spec)
     if args.json:
@@ -126,7 +127,33 @@ def run_show(args) -> int:
     else:
         print(symbolic.equation(genome))
         print(f"out = gamma * y + beta   ({len(genome)} nodes, hash {genome.structural_hash})")
+        run_spec = split_run_spec(args.spec)
+        if run_spec is not None:
+            _show_candidate(*run_spec)
     return 0
+
+
+def _show_candidate(path: str, cid: str) -> None:
+    """A candidate's verdict, scores and lineage (ancestors with the mutation that made each)."""
+    from evonas.search.results import load_run
+
+    run = load_run(path)
+    cand, ev = run.candidate(cid)
+    print(f"candidate {cand.candidate_id}: {ev.status}", end="")
+    if ev.reject_stage:
+        print(f" at {ev.reject_stage}: {ev.reject_reason}", end="")
+    if ev.duplicate_of:
+        print(f" (equivalent to {ev.duplicate_of})", end="")
+    print()
+    if ev.fitness:
+        print("proxy accuracy: " + ", ".join(f"{a} {v:.4f}" for a, v in ev.fitness.items()))
+    cost = ", ".join(f"{stage} {sec:.1f}s" for stage, sec in ev.stage_seconds.items())
+    print(f"cost: {cost}")
+    lineage = []
+    while cand is not None:
+        lineage.append(f"{cand.candidate_id} ({cand.mutation})")
+        cand = run.state.candidates.get(cand.parent_id) if cand.parent_id else None
+    print("lineage: " + " <- ".join(lineage))
 
 
 def run_export(args) -> int:

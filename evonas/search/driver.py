@@ -54,6 +54,22 @@ class SearchState:
     evaluations: dict[str, Evaluation] = field(default_factory=dict)
     fingerprints: dict[str, str] = field(default_factory=dict)  # fingerprint -> evaluated id
     parent_run_id: str | None = None
+    # Seconds the driver itself spent (checks, controller, state, MLflow), not waiting for
+    # workers: what bounds how many workers one driver can feed.
+    driver_seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"candidates": {k: c.to_dict() for k, c in self.candidates.items()},
+                "evaluations": {k: e.to_dict() for k, e in self.evaluations.items()},
+                "fingerprints": self.fingerprints, "parent_run_id": self.parent_run_id,
+                "driver_seconds": self.driver_seconds}
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "SearchState":
+        return cls(candidates={k: Candidate.from_dict(v) for k, v in raw["candidates"].items()},
+                   evaluations={k: Evaluation.from_dict(v) for k, v in raw["evaluations"].items()},
+                   fingerprints=dict(raw["fingerprints"]), parent_run_id=raw.get("parent_run_id"),
+                   driver_seconds=raw.get("driver_seconds", 0.0))
 
     def survivors(self) -> list[Evaluation]:
         return [e for e in self.evaluations.values() if e.fitness is not None]
@@ -139,24 +155,13 @@ class Search:
         ledger = Ledger.from_state(raw["ledger"])
         if budget is not None:
             ledger.budget = parse_budget(budget)
-        state = SearchState(
-            candidates={k: Candidate.from_dict(v) for k, v in raw["candidates"].items()},
-            evaluations={k: Evaluation.from_dict(v) for k, v in raw["evaluations"].items()},
-            fingerprints=dict(raw["fingerprints"]), parent_run_id=raw.get("parent_run_id"))
-        return cls(folder, config, controller, ledger, state, **kw)
+        return cls(folder, config, controller, ledger, SearchState.from_dict(raw), **kw)
 
     # --- persistence ----------------------------------------------------------------
 
     def save(self) -> None:
-        self.folder.write_state({
-            "format": STATE_FORMAT,
-            "controller": self.controller.to_state(),
-            "ledger": self.ledger.to_state(),
-            "candidates": {k: c.to_dict() for k, c in self.state.candidates.items()},
-            "evaluations": {k: e.to_dict() for k, e in self.state.evaluations.items()},
-            "fingerprints": self.state.fingerprints,
-            "parent_run_id": self.state.parent_run_id,
-        })
+        self.folder.write_state({"format": STATE_FORMAT, "controller": self.controller.to_state(),
+                                 "ledger": self.ledger.to_state(), **self.state.to_dict()})
 
     # --- the loop -------------------------------------------------------------------
 
@@ -169,12 +174,17 @@ class Search:
                 self.backend = make_backend(self.config)
             self.backend.start()
             while True:
+                start = time.perf_counter()
                 self._fill()
+                self.state.driver_seconds += time.perf_counter() - start
                 if not self.in_flight and not self.ready and (self._stop or not self.ledger.can_start()):
                     break
-                for outcome in self.backend.wait(timeout=1.0):
+                outcomes = self.backend.wait(timeout=1.0)
+                start = time.perf_counter()
+                for outcome in outcomes:
                     self._finished_outcome(outcome)
                 self._show()
+                self.state.driver_seconds += time.perf_counter() - start
             self._end_tracking("FINISHED")
         except KeyboardInterrupt:
             self._end_tracking("KILLED")

@@ -57,10 +57,7 @@ def load_run(path: str | Path) -> Run:
     raw = folder.read_state()
     if raw is None or raw.get("format") != STATE_FORMAT:
         raise EvonasError(f"{path}: holds no search state yet")
-    state = SearchState(
-        candidates={k: Candidate.from_dict(v) for k, v in raw["candidates"].items()},
-        evaluations={k: Evaluation.from_dict(v) for k, v in raw["evaluations"].items()},
-        fingerprints=dict(raw["fingerprints"]), parent_run_id=raw.get("parent_run_id"))
+    state = SearchState.from_dict(raw)
     return Run(Path(path), config, state)
 
 

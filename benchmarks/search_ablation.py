@@ -1,0 +1,219 @@
+"""The search on CIFAR-10: evolution against random search at equal budget, the rejection
+funnel, throughput, driver overhead, and the best found layer against the baselines.
+
+Three phases, each reading what the previous one left in --out-dir:
+
+    python ../shared/data/prepare_cifar10.py /tmp/cifar10
+    python benchmarks/search_ablation.py search  --data-dir /tmp/cifar10 --out-dir runs/ablation
+    python benchmarks/search_ablation.py analyse --out-dir runs/ablation
+    python benchmarks/search_ablation.py compare --data-dir /tmp/cifar10 --out-dir runs/ablation
+
+`search` runs `evonas search` once per (controller, seed), --parallel at a time, each on
+one CPU thread in-process (--workers 0), with an evaluation-count budget so both
+controllers get exactly the same number of candidates whatever else loads the machine.
+`analyse` writes results.json and best_so_far.png; `compare` trains the best layer found
+by evolution beside bn_relu, gn_relu, evonorm_b0 and evonorm_s0 at batch 128 and batch 8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+CONTROLLERS = ("evolution", "random")
+
+
+def search_args(args, controller: str, seed: int, out: Path) -> list[str]:
+    return [sys.executable, "-m", "evonas", "search", "--space", args.space,
+            "--budget", args.budget, "--dataset", "cifar10", "--data-dir", args.data_dir,
+            "--out", str(out), "--workers", "0", "--controller", controller,
+            "--seed", str(seed), "--archs", args.archs, "--proxy-steps", str(args.proxy_steps),
+            "--quality-steps", str(args.quality_steps),
+            "--quality-threshold", str(args.quality_threshold), "--proxy-batch", str(args.batch),
+            "--proxy-width", str(args.width), "--stability-steps", str(args.stability_steps),
+            "--population", str(args.population), "--tournament", str(args.tournament)]
+
+
+def phase_search(args) -> None:
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one core per search, no thread fights
+    jobs = [(c, s) for s in args.seeds for c in CONTROLLERS]
+
+    def one(job):
+        controller, seed = job
+        out = out_dir / f"{controller}-{seed}"
+        cmd = search_args(args, controller, seed, out) if not out.exists() else \
+            [sys.executable, "-m", "evonas", "search", "--resume", str(out)]
+        start = time.monotonic()
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        print(f"{out.name}: exit {done.returncode} in {time.monotonic() - start:.0f}s", flush=True)
+        if done.returncode:
+            print(done.stderr[-2000:], file=sys.stderr)
+
+    with ThreadPoolExecutor(args.parallel) as pool:
+        list(pool.map(one, jobs))
+
+
+def _load(run: Path) -> dict:
+    return json.loads((run / "state.json").read_text())
+
+
+def _curve(state: dict) -> tuple[list[float], list[float]]:
+    """Best-so-far mean proxy fitness after each evaluation, and device-seconds spent."""
+    best, spent, out_best, out_spent = 0.0, 0.0, [], []
+    for cid in sorted(state["evaluations"]):
+        ev = state["evaluations"][cid]
+        spent += sum(ev["stage_seconds"].values())
+        if ev["status"] == "survivor":
+            best = max(best, statistics.mean(ev["fitness"].values()))
+        out_best.append(best)
+        out_spent.append(spent)
+    return out_best, out_spent
+
+
+def phase_analyse(args) -> dict:
+    out_dir = Path(args.out_dir)
+    runs = {p.name: _load(p) for p in sorted(out_dir.iterdir()) if (p / "state.json").exists()}
+    result: dict = {"runs": {}, "funnel": {}, "cost_per_stage_s": {}}
+    stopped, stage_cost, stage_n = Counter(), Counter(), Counter()
+    total_evals, total_seconds, driver_seconds = 0, 0.0, 0.0
+    for name, state in runs.items():
+        best, spent = _curve(state)
+        evs = list(state["evaluations"].values())
+        result["runs"][name] = {
+            "evaluations": len(evs), "best": best[-1] if best else 0.0,
+            "best_at_half": best[len(best) // 2 - 1] if best else 0.0,
+            "device_seconds": spent[-1] if spent else 0.0,
+            "statuses": dict(Counter(e["status"] for e in evs)),
+            "curve_best": best, "curve_spent_s": spent}
+        for e in evs:
+            stage = {"survivor": "survived", "duplicate": "duplicate",
+                     "failed": "failed"}.get(e["status"], e["reject_stage"])
+            stopped[stage] += 1
+            for st, sec in e["stage_seconds"].items():
+                stage_cost[st] += sec
+                stage_n[st] += 1
+        total_evals += len(evs)
+        total_seconds += spent[-1] if spent else 0.0
+        driver_seconds += state.get("driver_seconds", 0.0)
+    result["funnel"] = {k: v / total_evals for k, v in stopped.most_common()}
+    result["cost_per_stage_s"] = {k: stage_cost[k] / stage_n[k] for k in stage_cost}
+    result["candidates_per_cpu_hour"] = total_evals / (total_seconds / 3600)
+    result["driver_seconds_per_candidate"] = driver_seconds / total_evals
+    worker_s = (total_seconds - sum(stage_cost[s] for s in ("static", "numeric", "duplicate"))) \
+        / total_evals
+    result["workers_one_driver_feeds"] = worker_s / result["driver_seconds_per_candidate"]
+    for c in CONTROLLERS:
+        finals = [r["best"] for n, r in result["runs"].items() if n.startswith(c)]
+        halves = [r["best_at_half"] for n, r in result["runs"].items() if n.startswith(c)]
+        if finals:
+            result[c] = {"best_mean": statistics.mean(finals),
+                         "best_sd": statistics.stdev(finals) if len(finals) > 1 else 0.0,
+                         "best_at_half_mean": statistics.mean(halves), "seeds": len(finals)}
+    (out_dir / "results.json").write_text(json.dumps(result, indent=1))
+    _plot(result, out_dir / "best_so_far.png")
+    summary = {k: v for k, v in result.items() if k != "runs"}
+    summary["runs"] = {n: {k: v for k, v in r.items() if not k.startswith("curve")}
+                       for n, r in result["runs"].items()}
+    print(json.dumps(summary, indent=1))
+    return result
+
+
+def _plot(result: dict, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4))
+    FigureCanvasAgg(fig)
+    ax1, ax2 = fig.subplots(1, 2)
+    colours = {"evolution": "tab:red", "random": "tab:blue"}
+    for name, r in result["runs"].items():
+        c = colours[name.split("-")[0]]
+        ax1.plot(range(1, len(r["curve_best"]) + 1), r["curve_best"], color=c, alpha=0.8,
+                 label=name)
+        ax2.plot([s / 3600 for s in r["curve_spent_s"]], r["curve_best"], color=c, alpha=0.8)
+    ax1.set(xlabel="evaluations", ylabel="best mean proxy accuracy")
+    ax2.set(xlabel="CPU-hours spent", ylabel="best mean proxy accuracy")
+    ax1.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def phase_compare(args) -> None:
+    """Train the best layer found by evolution beside the baselines at two batch sizes."""
+    import torch
+
+    from evonas import symbolic, zoo
+    from evonas.interpreter import layer_factory
+    from evonas.proxy.data import load_dataset
+    from evonas.proxy.train import ProxyConfig, train_proxy
+    from evonas.search.results import load_run
+
+    torch.set_num_threads(args.threads)
+    out_dir = Path(args.out_dir)
+    best_run, best_id, best_score = None, None, -1.0
+    for p in sorted(out_dir.glob("evolution-*")):
+        run = load_run(p)
+        b = run.state.best()
+        if b is not None and statistics.mean(b.fitness.values()) > best_score:
+            best_run, best_id, best_score = run, b.candidate_id, statistics.mean(b.fitness.values())
+    found = best_run.genome(best_id)
+    layers = {"found": layer_factory(found, groups=8)}
+    layers.update({n: zoo.factory(n, groups=8) for n in ("bn_relu", "gn_relu", "evonorm_b0",
+                                                         "evonorm_s0")})
+    data = load_dataset("cifar10", args.data_dir)
+    rows = []
+    for batch, steps, lr in ((128, args.compare_steps, 0.1),
+                             (8, args.compare_steps * 16, 0.1 * 8 / 128)):
+        for name, factory in layers.items():
+            accs = []
+            for seed in range(args.compare_seeds):
+                cfg = ProxyConfig(arch="resnet", width=16, steps=steps, batch_size=batch, lr=lr,
+                                  eval_size=5000)
+                accs.append(train_proxy(factory, cfg, data, seed=seed).accuracy)
+            rows.append({"layer": name, "batch": batch, "steps": steps, "accs": accs,
+                         "mean": statistics.mean(accs)})
+            print(f"batch {batch:>3} {name:<11} " + " ".join(f"{a:.4f}" for a in accs), flush=True)
+    result = {"found": {"run": best_run.path.name, "id": best_id,
+                        "formula": symbolic.formula(found), "proxy_fitness": best_score},
+              "rows": rows}
+    (out_dir / "compare.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result["found"], indent=1))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("phase", choices=("search", "analyse", "compare"))
+    p.add_argument("--data-dir")
+    p.add_argument("--out-dir", default="runs/ablation")
+    p.add_argument("--space", default="norm_act_s")
+    p.add_argument("--budget", default="100evals")
+    p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
+    p.add_argument("--parallel", type=int, default=2)
+    p.add_argument("--archs", default="resnet,mobilenetv2")
+    p.add_argument("--proxy-steps", type=int, default=100)
+    p.add_argument("--quality-steps", type=int, default=50)
+    p.add_argument("--quality-threshold", type=float, default=0.15)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--width", type=int, default=8)
+    p.add_argument("--stability-steps", type=int, default=5)
+    p.add_argument("--population", type=int, default=20)
+    p.add_argument("--tournament", type=int, default=5)
+    p.add_argument("--compare-steps", type=int, default=300)
+    p.add_argument("--compare-seeds", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    {"search": phase_search, "analyse": phase_analyse, "compare": phase_compare}[args.phase](args)
+
+
+if __name__ == "__main__":
+    main()

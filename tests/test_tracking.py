@@ -1,0 +1,251 @@
+"""The MLflow record of a search, against real stores: SQLite in a temp folder, and once a
+real `mlflow server` subprocess. No mocks: what MLflow accepts, stores and finds is the
+point of these tests."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import mlflow
+import pytest
+from mlflow.entities import ViewType
+from mlflow.tracking import MlflowClient
+
+from evonas import zoo
+from evonas.export import export_source
+from evonas.genome import Genome
+from evonas.records import Candidate, Evaluation
+from evonas.symbolic import formula, latex
+from evonas.tracking import MAX_TAG_VALUE, RUN_NAME_CHARS, Tracker, _key, _run_name
+
+ARCHS = ("resnet", "mobilenet")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    # One database for the module: creating one runs MLflow's migrations (seconds). Each
+    # test opens its own search run, so the tests stay independent.
+    folder = tmp_path_factory.mktemp("runfolder")
+    return Tracker(f"sqlite:///{folder / 'mlflow.db'}"), folder
+
+
+def _log(tracker, parent, cid, status, genome_name="evonorm_s0", **evaluation):
+    genome = zoo.get(genome_name)
+    candidate = Candidate(cid, genome.to_dict(), parent_id="c0", mutation="insert_node",
+                          structural_hash=genome.structural_hash, fingerprint="fp-" + cid)
+    if status in ("survivor", "duplicate"):
+        evaluation.setdefault("fitness", {a: 0.5 for a in ARCHS})
+    evaluation.setdefault("stage_seconds", {"static": 0.01, "proxy": 2.0})
+    ev = Evaluation(cid, status, **evaluation)
+    source = None if status == "failed" else export_source(genome)
+    return tracker.log_candidate(parent, candidate, ev, genome=genome, formula=formula(genome),
+                                 latex=latex(genome), source=source)
+
+
+def _children(tracker, parent, **view):
+    # No run_view_type unless asked: deleted runs must vanish from the default view.
+    return tracker.client.search_runs([tracker.experiment_id], **view,
+                                      filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+
+
+def test_candidates_are_child_runs_found_by_status(store, monkeypatch, tmp_path):
+    tracker, folder = store
+    parent = tracker.start_search("by-status", {"seed": 1}, {})
+    ids = {
+        "survivor": _log(tracker, parent, "c1", "survivor",
+                         metrics={"acc@quality/resnet": 0.4}),
+        "rejected": _log(tracker, parent, "c2", "rejected", reject_stage="stability",
+                         reject_reason="gradient norm 3.1e9 > 1e6 at step 12"),
+        "duplicate": _log(tracker, parent, "c3", "duplicate", duplicate_of="c1"),
+        "failed": _log(tracker, parent, "c4", "failed", genome_name="bn_relu",
+                       reject_reason="CUDA error: out of memory"),
+    }
+
+    # Through the fluent API, as a user would: dotted tag names need backticks.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracker.tracking_uri)
+    found = mlflow.search_runs(
+        experiment_ids=[tracker.experiment_id], output_format="list",
+        filter_string=f"tags.mlflow.parentRunId = '{parent}' and tags.`evonas.status` = 'rejected'")
+    assert [r.info.run_id for r in found] == [ids["rejected"]]
+
+    rejected = found[0]
+    assert rejected.info.status == "FINISHED"
+    assert rejected.info.run_name == "x*sigmoid(v1*x) / std_GHW(x)"
+    tags = rejected.data.tags
+    assert tags["evonas.candidate_id"] == "c2" and tags["evonas.kind"] == "candidate"
+    assert tags["evonas.reject_stage"] == "stability"
+    assert tags["evonas.genome_hash"] == zoo.get("evonorm_s0").structural_hash
+    assert tags["evonas.parent_id"] == "c0" and tags["evonas.mutation"] == "insert_node"
+    assert "evonas.duplicate_of" not in tags
+    assert "fitness.mean" not in rejected.data.metrics
+    assert rejected.data.metrics["cost.total_s"] == pytest.approx(2.01)
+
+    survivor = tracker.client.get_run(ids["survivor"]).data
+    assert survivor.metrics["fitness.resnet"] == 0.5 and survivor.metrics["fitness.mean"] == 0.5
+    assert survivor.metrics["cost.proxy_s"] == 2.0
+    assert survivor.metrics["acc_quality_resnet"] == 0.4  # '@' and '/' made MLflow-safe
+    assert tracker.client.get_run(ids["duplicate"]).data.tags["evonas.duplicate_of"] == "c1"
+
+    by_status = {c["status"]: c for c in tracker.candidates(parent)}
+    assert set(by_status) == {"survivor", "rejected", "duplicate", "failed"}
+    survivors = tracker.candidates(parent, "tags.`evonas.status` = 'survivor'")
+    assert [c["candidate_id"] for c in survivors] == ["c1"]
+
+    # Artifacts, downloaded with the client; the failed candidate has no layer.py.
+    listed = {f.path for f in tracker.client.list_artifacts(ids["survivor"])}
+    assert listed == {"genome.json", "formula.txt", "formula.tex", "layer.py", "graph.png"}
+    assert "layer.py" not in {f.path for f in tracker.client.list_artifacts(ids["failed"])}
+    local = tracker.client.download_artifacts(ids["failed"], "genome.json", str(tmp_path))
+    assert Genome.load(local) == zoo.get("bn_relu")
+    # Artifacts live in the run folder beside the database.
+    assert (folder / "artifacts" / "mlflow" / ids["survivor"] / "artifacts" / "graph.png").is_file()
+
+
+def test_long_reject_reason_is_truncated_and_kept_whole_as_a_file(store, tmp_path):
+    tracker, _ = store
+    parent = tracker.start_search("long-reason", {}, {})
+    reason = "NaN in layer output; " * 1000  # 21k chars
+    run_id = _log(tracker, parent, "c1", "rejected", reject_stage="numeric",
+                  reject_reason=reason)
+    tag = tracker.client.get_run(run_id).data.tags["evonas.reject_reason"]
+    assert len(tag) <= MAX_TAG_VALUE and tag.startswith(reason[:100])
+    assert tag.endswith(f"[truncated: {len(reason)} chars in all]")
+    whole = tracker.client.download_artifacts(run_id, "reject_reason.txt", str(tmp_path))
+    assert open(whole, encoding="utf-8").read() == reason
+
+
+def test_reconcile_leaves_one_finished_run_per_finished_candidate(store):
+    tracker, _ = store
+    parent = tracker.start_search("crashed", {}, {})
+    _log(tracker, parent, "c1", "survivor")
+    _log(tracker, parent, "c2", "rejected", reject_stage="static", reject_reason="no x")
+    _log(tracker, parent, "c1", "survivor")  # logged twice: a resume re-logged it
+    _log(tracker, parent, "c4", "survivor")  # logged, but the state update was lost
+    # A crash mid-logging: created, never finished.
+    stuck = tracker.client.create_run(tracker.experiment_id, tags={
+        "mlflow.parentRunId": parent, "evonas.candidate_id": "c3"}).info.run_id
+
+    tracker.resume_search(parent)
+    assert tracker.client.get_run(parent).info.status == "RUNNING"
+    done = tracker.reconcile(parent, finished={"c1", "c2", "c3"})
+    assert done == {"c1", "c2"}  # the driver logs c3 again
+
+    runs = _children(tracker, parent)
+    assert sorted(r.data.tags["evonas.candidate_id"] for r in runs) == ["c1", "c2"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    deleted = _children(tracker, parent, run_view_type=ViewType.DELETED_ONLY)
+    assert stuck in {r.info.run_id for r in deleted} and len(deleted) == 3
+
+    _log(tracker, parent, "c3", "survivor")
+    assert tracker.reconcile(parent, finished={"c1", "c2", "c3"}) == {"c1", "c2", "c3"}
+    assert len(_children(tracker, parent)) == 3
+
+
+def test_search_run_holds_config_summary_and_status(store, tmp_path):
+    tracker, _ = store
+    config = {"space": "norm_act", "proxy": {"archs": ["resnet", "mobilenet"], "epochs": 2},
+              "notes": "n" * 7000, "many": {f"k{i}": i for i in range(150)}}
+    parent = tracker.start_search("config", config, {"user": "ci", "note": "x" * 9000})
+    run = tracker.client.get_run(parent)
+    params = run.data.params
+    assert params["proxy.epochs"] == "2" and params["proxy.archs"] == '["resnet", "mobilenet"]'
+    assert params["space"] == "norm_act" and params["many.k149"] == "149"
+    assert len(params["notes"]) == 6000 and params["notes"].endswith("chars in all]")
+    assert run.data.tags["evonas.kind"] == "search" and run.data.tags["user"] == "ci"
+    assert len(run.data.tags["note"]) == MAX_TAG_VALUE
+    path = tracker.client.download_artifacts(parent, "config.json", str(tmp_path))
+    assert json.loads(open(path).read()) == config
+
+    for step in range(3):
+        tracker.log_summary(parent, {"best.fitness": 0.1 * step, "evaluated": step}, step)
+    history = tracker.client.get_metric_history(parent, "best.fitness")
+    assert [m.step for m in history] == [0, 1, 2]
+    tracker.log_artifact_text(parent, "pareto.txt", "front")
+    tracker.end_search(parent)
+    assert tracker.client.get_run(parent).info.status == "FINISHED"
+
+
+def test_keys_and_run_names_fit_mlflow():
+    assert _key("acc@q/x") == "acc_q_x" and _key("..up") == "_..up" and _key("") == "_"
+    assert len(_key("k" * 300)) == 250
+    name = _run_name("n3 = mean_HW(x)\ny = " + "x + " * 100 + "x")
+    assert len(name) == RUN_NAME_CHARS and name.endswith("\u2026") and "\n" not in name
+
+
+# --- a real tracking server ---------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_until_up(url: str, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"mlflow server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"mlflow server not answering at {url} after {timeout} s")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    # The server runs uvicorn in a child process: signal the whole session it leads.
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    except ProcessLookupError:
+        pass
+    # Children that outlive the leader still hold its process group id.
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.mark.slow
+def test_through_a_tracking_server(tmp_path):
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(tmp_path / "server.log", "wb")
+    # The background job runner (seven huey consumers) is of no use here.
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
+               MLFLOW_DISABLE_TELEMETRY="true")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+         f"sqlite:///{tmp_path / 'm.db'}", "--default-artifact-root", str(tmp_path / "art"),
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_until_up(url, proc, timeout=60)
+        tracker = Tracker(url)
+        parent = tracker.start_search("served", {"seed": 3}, {})
+        run_id = _log(tracker, parent, "c1", "survivor", metrics={"grad_norm": float("inf")})
+        tracker.end_search(parent)
+
+        back = MlflowClient(url).get_run(run_id)
+        assert back.info.status == "FINISHED"
+        assert back.data.tags["mlflow.parentRunId"] == parent
+        assert back.data.metrics["fitness.mean"] == 0.5
+        assert [c["candidate_id"] for c in tracker.candidates(parent)] == ["c1"]
+        local = tracker.client.download_artifacts(run_id, "genome.json", str(tmp_path))
+        assert Genome.load(local) == zoo.get("evonorm_s0")
+    finally:
+        _stop(proc)
+        log.close()
+    assert proc.poll() is not None
