@@ -186,6 +186,9 @@ class Genome:
     def depends_on_x(self) -> dict[str, bool]:
         return _x_dependence(self.nodes)
 
+    def full_shape(self) -> dict[str, bool]:
+        return _full_shape(self.nodes)
+
 
 def _parse_node(index: int, n: object, source: str) -> Node:
     where = f"{source}: nodes[{index}]"
@@ -204,6 +207,15 @@ def _x_dependence(nodes: Sequence[Node]) -> dict[str, bool]:
     for n in nodes:  # nodes are in topological order
         dep[n.id] = any(dep[i] for i in n.inputs)
     return dep
+
+
+def _full_shape(nodes: Sequence[Node]) -> dict[str, bool]:
+    """Whether each value has x's full (N, C, H, W) shape: aggregates reduce axes, and an
+    element-wise op is full when any input is (broadcasting)."""
+    full = {name: name == "x" for name in INPUTS}
+    for n in nodes:  # nodes are in topological order
+        full[n.id] = OPS[n.op].kind != AGGREGATE and any(full[i] for i in n.inputs)
+    return full
 
 
 def _canonical(nodes: list[Node], output: str) -> tuple[tuple[Node, ...], str]:
@@ -254,6 +266,9 @@ def _canonical(nodes: list[Node], output: str) -> tuple[tuple[Node, ...], str]:
     dep = _x_dependence(live_nodes)
     if not dep[output]:
         raise GenomeError("the output does not depend on x; a layer must transform its input")
+    if not _full_shape(live_nodes)[output]:
+        raise GenomeError("the output has a statistic's shape, not x's (N, C, H, W); combine "
+                          "the statistic with an x-shaped value")
     for n in live_nodes:
         if OPS[n.op].kind == AGGREGATE and not dep[n.inputs[0]]:
             raise GenomeError(f"node {n.id}: {n.op} of a value that does not depend on x is a "

@@ -19,7 +19,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from evonas.genome import Genome, Node
-from evonas.ops import AGGREGATE, DIV_UNGUARDED, INPUTS, NORMALIZE, NORMALIZE_AFFINE, OPS, POS, Op
+from evonas.ops import DIV_UNGUARDED, INPUTS, NORMALIZE, NORMALIZE_AFFINE, OPS, POS, Op
 
 
 @dataclass(frozen=True)
@@ -38,15 +38,6 @@ def signs(genome: Genome) -> dict[str, str]:
     for n in genome.nodes:
         sign[n.id] = OPS[n.op].sign(tuple(sign[i] for i in n.inputs))
     return sign
-
-
-def full_shape(genome: Genome) -> dict[str, bool]:
-    """Whether each value has x's full (N, C, H, W) shape; aggregates reduce axes, and
-    torch's fused norms need every axis they normalise over (batch_norm refuses N = 1)."""
-    full = {name: name == "x" for name in INPUTS}
-    for n in genome.nodes:
-        full[n.id] = OPS[n.op].kind != AGGREGATE and any(full[i] for i in n.inputs)
-    return full
 
 
 def lower(genome: Genome) -> list[Step]:
@@ -71,7 +62,7 @@ def _fusions(genome: Genome) -> dict[str, tuple[Step, set[str]]]:
     uses = Counter(i for n in genome.nodes for i in n.inputs)
     uses[genome.output] += 1
     by_id = genome.by_id
-    full = full_shape(genome)
+    full = genome.full_shape()
     users = {}
     for n in genome.nodes:
         for i in n.inputs:
@@ -79,6 +70,7 @@ def _fusions(genome: Genome) -> dict[str, tuple[Step, set[str]]]:
     result = {}
     for n in genome.nodes:
         match = _normalization(n, by_id, uses)
+        # torch's fused norms need every axis they normalise over (batch_norm refuses N = 1)
         if match is None or not full[match[0]]:
             continue
         a, axes, mean, std, absorbed = match

@@ -79,10 +79,11 @@ def random_genome(space: SearchSpace, rng: np.random.Generator) -> Genome:
 
 
 def _draw_genome(space: SearchSpace, rng: np.random.Generator) -> Genome | None:
-    """One draw, or None when its output does not depend on x (the only way it can fail,
-    tested before the costlier Genome constructor runs)."""
+    """One draw, or None when its output does not depend on x or has a statistic's shape
+    (the only ways it can fail, tested before the costlier Genome constructor runs)."""
     values = list(space.inputs)
     x_dep = {name: name == "x" for name in values}
+    full = dict(x_dep)
     nodes = []
     for k in range(space.max_nodes):
         op = OPS[space.ops[int(rng.integers(len(space.ops)))]]
@@ -92,12 +93,14 @@ def _draw_genome(space: SearchSpace, rng: np.random.Generator) -> Genome | None:
         nodes.append(node)
         values.append(node.id)
         x_dep[node.id] = any(x_dep[a] for a in args)
-    return Genome(nodes, nodes[-1].id) if x_dep[nodes[-1].id] else None
+        full[node.id] = op.kind != AGGREGATE and any(full[a] for a in args)
+    return Genome(nodes, nodes[-1].id) if full[nodes[-1].id] else None
 
 
 def _one_node_genome(space: SearchSpace, rng: np.random.Generator) -> Genome:
-    # op(x) or op(x, x): depends on x, aggregates read x, and every space has x and one node.
-    op = OPS[space.ops[int(rng.integers(len(space.ops)))]]
+    # op(x) or op(x, x) with an element-wise op keeps x's shape; every space has one.
+    ops = [o for o in space.ops if OPS[o].kind != AGGREGATE]
+    op = OPS[ops[int(rng.integers(len(ops)))]]
     return Genome([Node("n1", op.name, ("x",) * op.arity)], "n1")
 
 

@@ -102,6 +102,9 @@ def space_from_dict(data: object, source: str) -> SearchSpace:
     bad = [o for o in ops if o not in OPS or not OPS[o].searchable]
     if bad:
         raise SpaceError(f"{source}: unknown op(s) {', '.join(bad)}; `evonas ops` lists them")
+    if all(OPS[o].kind == AGGREGATE for o in ops):
+        raise SpaceError(f"{source}: 'ops' needs an element-wise op: aggregates alone cannot "
+                         "return a value of x's shape")
     if len(set(ops)) != len(ops):
         raise SpaceError(f"{source}: 'ops' lists an op twice")
     if not isinstance(inputs, list) or "x" not in inputs or not all(i in INPUTS for i in inputs):

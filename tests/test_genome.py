@@ -29,6 +29,7 @@ def node(id, op, *inputs):
     (doc([node("a", "add", "x", "b"), node("b", "neg", "a")], "a"), "cycle through nodes"),
     (doc([node("a", "neg", "v1")], "a"), "does not depend on x"),
     (doc([node("a", "neg", "y")], "a"), "input 'y' is neither a node"),
+    (doc([node("a", "std_NHW", "x"), node("b", "add", "a", "v1")], "b"), "a statistic's shape"),
     (doc([node("a", "neg", "x")], "b"), "output 'b' is not a node id"),
     (doc([node("a", "neg", "x"), node("a", "abs", "x")], "a"), "appears twice"),
     (doc([node("x", "neg", "x")], "x"), "name of a graph input"),

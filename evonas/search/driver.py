@@ -147,15 +147,19 @@ class Search:
         folder = RunFolder.open(out)
         config = SearchConfig.from_dict(folder.read_config())
         raw = folder.read_state()
-        if raw is None or raw.get("format") != STATE_FORMAT:
-            raise EvonasError(f"{out}: state.json is missing or not a search state; start a new "
-                              "search in another folder")
         space = load_space(config.space)
-        controller = load_controller(raw["controller"], genome_ops(space))
-        ledger = Ledger.from_state(raw["ledger"])
+        if raw is None:  # killed between creating the folder and the first save
+            controller, ledger, state = (new_controller(config, space),
+                                         Ledger(parse_budget(config.budget)), SearchState())
+        elif raw.get("format") != STATE_FORMAT:
+            raise EvonasError(f"{out}: state.json is not a search state ({raw.get('format')!r}); "
+                              "start a new search in another folder")
+        else:
+            controller = load_controller(raw["controller"], genome_ops(space))
+            ledger, state = Ledger.from_state(raw["ledger"]), SearchState.from_dict(raw)
         if budget is not None:
             ledger.budget = parse_budget(budget)
-        return cls(folder, config, controller, ledger, SearchState.from_dict(raw), **kw)
+        return cls(folder, config, controller, ledger, state, **kw)
 
     # --- persistence ----------------------------------------------------------------
 

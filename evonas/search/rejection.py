@@ -61,6 +61,8 @@ def numeric_check(genome: Genome, scales: tuple[float, ...], groups: int) -> Ver
             for scale, x in zip(scales, probe_inputs(scales, dtype=torch.float32)):
                 x = x.detach().requires_grad_(True)
                 out = layer(x)
+                if out.shape != x.shape:  # the genome rules this out; a kernel bug must not pass
+                    return f"output shape {tuple(out.shape)} is not the input's {tuple(x.shape)}", {}
                 if not bool(torch.isfinite(out).all()):
                     return f"non-finite output in {mode} mode at input scale {scale:g}", {}
                 grads = torch.autograd.grad(out.square().mean(), [x, *layer.parameters()],
