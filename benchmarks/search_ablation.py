@@ -18,6 +18,8 @@ by evolution beside bn_relu, gn_relu, evonorm_b0 and evonorm_s0 at batch 128 and
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib.util
 import json
 import os
 import statistics
@@ -153,7 +155,7 @@ def phase_compare(args) -> None:
     import torch
 
     from evonas import symbolic, zoo
-    from evonas.interpreter import layer_factory
+    from evonas.export import export_file
     from evonas.proxy.data import load_dataset
     from evonas.proxy.train import ProxyConfig, train_proxy
     from evonas.search.results import load_run
@@ -167,7 +169,13 @@ def phase_compare(args) -> None:
         if b is not None and statistics.mean(b.fitness.values()) > best_score:
             best_run, best_id, best_score = run, b.candidate_id, statistics.mean(b.fitness.values())
     found = best_run.genome(best_id)
-    layers = {"found": layer_factory(found, groups=8)}
+    path = out_dir / "found_layer.py"
+    export_file(found, path, class_name="FoundNormAct")
+    spec = importlib.util.spec_from_file_location("found_layer", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    layers = {"found": functools.partial(module.FoundNormAct, groups=8)}
     layers.update({n: zoo.factory(n, groups=8) for n in ("bn_relu", "gn_relu", "evonorm_b0",
                                                          "evonorm_s0")})
     data = load_dataset("cifar10", args.data_dir)

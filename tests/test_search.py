@@ -154,3 +154,14 @@ def test_an_existing_run_folder_is_not_overwritten(tmp_path):
                  *TINY, check=False)
     assert out.returncode == 2 and "--resume" in out.stderr
     assert (run / "state.json").read_bytes() == before
+
+
+def test_a_wall_time_budget_is_a_deadline(tmp_path):
+    # One evaluation here would train for many minutes; a 40 s budget (of which starting
+    # MLflow and Ray take up to 20 here) must end the search well within the 3 minutes the
+    # call is given, cancelling the evaluation in flight.
+    run = tmp_path / "w"
+    long = [a if a != "12" else "100000" for a in TINY]
+    evonas("search", "--space", "norm_act_s", "--budget", "40s", "--out", run, "--workers", "1",
+           "--seed-zoo", *long, timeout=180)
+    assert state(run)["controller"]["in_flight"]  # cancelled, to be proposed afresh

@@ -183,6 +183,11 @@ class Search:
                 self.state.driver_seconds += time.perf_counter() - start
                 if not self.in_flight and not self.ready and (self._stop or not self.ledger.can_start()):
                     break
+                if self.ledger.budget.kind == "wall" and self.ledger.exhausted():
+                    # A wall-time budget is a deadline: evaluations still running are
+                    # cancelled (lost as in a kill; a resume proposes afresh) rather than
+                    # overrunning it by a whole proxy training.
+                    break
                 outcomes = self.backend.wait(timeout=1.0)
                 start = time.perf_counter()
                 for outcome in outcomes:
