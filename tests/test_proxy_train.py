@@ -43,7 +43,7 @@ def inf_layer(num_features: int, apply_act: bool = True) -> nn.Module:
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", PROXY_ARCHS)
 def test_bn_relu_learns_well_above_chance(arch, data):
-    # Observed 0.72-0.80 on every architecture and seed tried; chance is 0.10.
+    # Observed 0.68-0.78 on every architecture and seed tried; chance is 0.10.
     result = train_proxy(bn_relu, ProxyConfig(arch=arch, steps=60, batch_size=64), data, seed=0)
     assert result.accuracy > 0.4, result
     assert not result.diverged and result.reason is None
