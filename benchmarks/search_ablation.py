@@ -179,9 +179,13 @@ def phase_compare(args) -> None:
     layers.update({n: zoo.factory(n, groups=8) for n in ("bn_relu", "gn_relu", "evonorm_b0",
                                                          "evonorm_s0")})
     data = load_dataset("cifar10", args.data_dir)
-    rows = []
-    for batch, steps, lr in ((128, args.compare_steps, 0.1),
-                             (8, args.compare_steps * 16, 0.1 * 8 / 128)):
+    out = out_dir / "compare.json"
+    rows = json.loads(out.read_text())["rows"] if out.exists() else []
+    rows = [r for r in rows if r["batch"] not in args.compare_batches]
+    for batch in args.compare_batches:
+        # Linear scaling: the same images seen and the learning rate scaled with the batch.
+        steps = args.compare_steps * 128 // batch
+        lr = 0.1 * batch / 128
         for name, factory in layers.items():
             accs = []
             for seed in range(args.compare_seeds):
@@ -194,7 +198,7 @@ def phase_compare(args) -> None:
     result = {"found": {"run": best_run.path.name, "id": best_id,
                         "formula": symbolic.formula(found), "proxy_fitness": best_score},
               "rows": rows}
-    (out_dir / "compare.json").write_text(json.dumps(result, indent=1))
+    out.write_text(json.dumps(result, indent=1))
     print(json.dumps(result["found"], indent=1))
 
 
@@ -218,6 +222,7 @@ def main() -> None:
     p.add_argument("--tournament", type=int, default=5)
     p.add_argument("--compare-steps", type=int, default=300)
     p.add_argument("--compare-seeds", type=int, default=2)
+    p.add_argument("--compare-batches", type=int, nargs="*", default=[128, 8])
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     {"search": phase_search, "analyse": phase_analyse, "compare": phase_compare}[args.phase](args)

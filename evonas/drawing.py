@@ -51,7 +51,8 @@ def draw_genome(genome: Genome, path: str | Path, *, title: str | None = None) -
     path = Path(path)
     fig = genome_figure(genome, title=title)
     try:
-        fig.savefig(path, format="png", dpi=_DPI)
+        # tight: the legend below a small graph is wider than the graph's own figure
+        fig.savefig(path, format="png", dpi=_DPI, bbox_inches="tight")
     finally:
         fig.clear()  # a pyplot-free figure has nothing to close; clearing frees its artists
     return path

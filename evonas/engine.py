@@ -29,6 +29,7 @@ Ray is imported only when a RayBackend starts, so `import evonas` stays fast.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -36,6 +37,7 @@ import socket
 import time
 import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -194,6 +196,35 @@ def _outcome(task_id: str, result: dict) -> Outcome:
 # ---------------------------------------------------------------------------- inline
 
 
+LOOPBACK = "127.0.0.1"
+_SINGLE_MACHINE_VAR = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextlib.contextmanager
+def loopback_only() -> Iterator[None]:
+    """Start Ray's servers on 127.0.0.1 only (Ray binds every interface by default).
+
+    Ray honours this only through its single-machine switch."""
+    # Ray reads the switch into a module constant at import, and this process may have
+    # imported Ray before (a search ran first): set both, for the start-up only, so that a
+    # later connection to a real cluster from this process announces its real address.
+    # The GCS, raylet and workers inherit the variable and keep to 127.0.0.1 too.
+    from ray._private import ray_constants
+
+    saved_env = os.environ.get(_SINGLE_MACHINE_VAR)
+    saved_constant = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_SINGLE_MACHINE_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_constant
+        if saved_env is None:
+            os.environ.pop(_SINGLE_MACHINE_VAR, None)
+        else:
+            os.environ[_SINGLE_MACHINE_VAR] = saved_env
+
+
 class InlineBackend(Backend):
     """Runs each evaluation in this process, at wait(), one at a time.
 
@@ -310,9 +341,11 @@ class RayBackend(Backend):
         # "local", not None: ray.init(None) would join a cluster that anyone on this
         # machine started with `ray start` (it reads /tmp/ray/ray_current_cluster).
         # Token authentication is Ray's default for local clusters since 2.59.
-        ray.init(address="local", num_cpus=max(1, math.ceil(self.workers * self.cpus_per_eval)),
-                 num_gpus=None if self.gpus_per_eval else 0,  # None: detect real GPUs
-                 object_store_memory=_OBJECT_STORE_BYTES, include_dashboard=False, **_QUIET)
+        with loopback_only():
+            ray.init(address="local", _node_ip_address=LOOPBACK,
+                     num_cpus=max(1, math.ceil(self.workers * self.cpus_per_eval)),
+                     num_gpus=None if self.gpus_per_eval else 0,  # None: detect real GPUs
+                     object_store_memory=_OBJECT_STORE_BYTES, include_dashboard=False, **_QUIET)
 
     def _connect_remote(self, ray: Any) -> None:
         _check_reachable(self.address)

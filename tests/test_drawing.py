@@ -42,7 +42,8 @@ def test_six_node_genome_gives_a_valid_png(tmp_path):
 
 
 def test_64_node_chain_stays_bounded(tmp_path):
-    steps = [("tanh", ["x"])] + [("sigmoid" if k % 2 else "mean_HW", [f"n{k}"])
+    # alternately a statistic and x times it, so the output keeps x's shape
+    steps = [("tanh", ["x"])] + [("mul", ["x", f"n{k}"]) if k % 2 else ("mean_HW", [f"n{k}"])
                                  for k in range(1, MAX_NODES)]
     genome = chain(*steps)
     assert len(genome) == MAX_NODES

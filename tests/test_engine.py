@@ -334,3 +334,10 @@ def test_remote_cluster_with_token_authentication(backend):
     assert outcome["ok"] and outcome["value"]["echo"] == {"hello": 1}
     assert outcome["value"]["torch_threads"] == 1
     assert report["shutdown"] < 5
+
+
+def test_the_embedded_ray_listens_on_loopback_only(backend):
+    from sockets import descendants, is_loopback, listening_addresses
+
+    listening = listening_addresses(descendants(os.getpid()))
+    assert listening and all(is_loopback(a) for a in listening), listening

@@ -25,13 +25,15 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> Parser:
-    from evonas.cli import layers, search
+    from evonas.cli import dashboards, layers, search, train
 
     parser = Parser(prog="evonas", description="Evolve normalization-activation layers.")
     parser.add_argument("--version", action="version", version=f"evonas {__version__}")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     layers.add_parsers(sub)
     search.add_parsers(sub)
+    train.add_parsers(sub)
+    dashboards.add_parsers(sub)
     return parser
 
 

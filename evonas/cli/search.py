@@ -52,6 +52,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS"),
                    help="Ray cluster to use (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--tracking-uri", help="MLflow server (default: SQLite in the run folder)")
+    p.add_argument("--full-train-top", type=int, default=0, metavar="N",
+                   help="then train the N best layers and the baselines fully; the search "
+                   "gets 80%% of --budget")
+    p.add_argument("--report-every", type=float, default=300.0, metavar="SECONDS",
+                   help="rewrite RUN/report.html this often while searching")
     p.set_defaults(run=run_search, command="search")
 
     p = sub.add_parser("top", help="leaderboard of a search's run folder")
@@ -76,7 +81,8 @@ def _config(args):
         proxy_batch_size=args.proxy_batch, proxy_lr=args.proxy_lr, proxy_width=args.proxy_width,
         workers=args.workers, cpus_per_eval=args.cpus_per_eval, gpus_per_eval=args.gpus_per_eval,
         eval_time_limit_s=args.eval_time_limit, ray_address=args.ray_address,
-        tracking_uri=args.tracking_uri, stages=stages)
+        tracking_uri=args.tracking_uri, report_every_s=args.report_every,
+        full_train_top=args.full_train_top, stages=stages)
 
 
 def run_search(args) -> int:
@@ -93,6 +99,10 @@ def run_search(args) -> int:
         from evonas.proxy.data import ensure_dataset
 
         ensure_dataset(config.dataset, config.data_dir)
+        if config.full_train_top:  # its settings fail now, not after the search
+            from evonas.fulltrain import for_search
+
+            for_search(config, args.budget)
         search = Search.create(args.out, config)
     try:
         state = search.run()
@@ -105,6 +115,14 @@ def run_search(args) -> int:
     if best is not None:
         print(f"best: {search.folder.path}:{best.candidate_id}  "
               f"(evonas show {search.folder.path}:best)")
+    if search.config.full_train_top:
+        from evonas.fulltrain import for_search, run_full_training
+        from evonas.fulltrain.leaderboard import format_table
+
+        summary = run_full_training(str(search.folder.path),
+                                    for_search(search.config, args.budget or search.config.budget))
+        print(format_table(summary["leaderboard"], summary["kendall_tau"]))
+        print(summary["budget"]["text"])
     return 0
 
 

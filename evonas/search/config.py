@@ -64,6 +64,12 @@ class SearchConfig:
     eval_time_limit_s: float = 1800.0
     ray_address: str | None = None
     tracking_uri: str | None = None
+    # Seconds between rewrites of <run>/report.html while the search runs (it is also
+    # written once at the end): a report costs the driver a few seconds of plotting.
+    report_every_s: float = 300.0
+    # After the search, train this many best layers and the baselines fully (fulltrain/);
+    # the search then gets 80% of the budget (Budget.split).
+    full_train_top: int = 0
     stages: StageConfig = StageConfig()
 
     def __post_init__(self) -> None:
@@ -90,6 +96,12 @@ class SearchConfig:
             raise EvonasError(f"--cpus-per-eval must be > 0, got {self.cpus_per_eval}")
         if not (self.eval_time_limit_s > 0):
             raise EvonasError(f"--eval-time-limit must be > 0 seconds, got {self.eval_time_limit_s}")
+        if not (self.report_every_s > 0 and math.isfinite(self.report_every_s)):
+            raise EvonasError(f"--report-every must be > 0 seconds, got {self.report_every_s}")
+        if isinstance(self.full_train_top, bool) or not isinstance(self.full_train_top, int) \
+                or self.full_train_top < 0:
+            raise EvonasError(f"--full-train-top must be a whole number >= 0, got "
+                              f"{self.full_train_top!r}")
         if not 0 <= self.stages.quality_threshold < 1:
             raise EvonasError("the quality threshold is an accuracy in [0, 1)")
 

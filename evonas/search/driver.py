@@ -102,6 +102,12 @@ def new_controller(config: SearchConfig, space: SearchSpace):
     return RegularizedEvolution(ops, evo, seed=config.seed, seeds=seeds)
 
 
+def search_budget(config: SearchConfig, text: str):
+    """The search's share of --budget: all of it, or 80% when full training follows."""
+    budget = parse_budget(text)
+    return budget.split()[0] if config.full_train_top else budget
+
+
 def make_backend(config: SearchConfig):
     from evonas.engine import InlineBackend, RayBackend
 
@@ -129,6 +135,7 @@ class Search:
         self.pre_seconds: dict[str, dict[str, float]] = {}  # driver stages' cost per candidate
         self.ready: list[Candidate] = []  # checked, waiting for a worker slot
         self._stop = False
+        self._reported_at = time.monotonic()
 
     # --- construction ---------------------------------------------------------------
 
@@ -138,7 +145,7 @@ class Search:
         space = load_space(config.space)
         folder = RunFolder.create(out, config.to_dict())
         search = cls(folder, config, new_controller(config, space),
-                     Ledger(parse_budget(config.budget)), SearchState(), **kw)
+                     Ledger(search_budget(config, config.budget)), SearchState(), **kw)
         search.save()
         return search
 
@@ -150,7 +157,7 @@ class Search:
         space = load_space(config.space)
         if raw is None:  # killed between creating the folder and the first save
             controller, ledger, state = (new_controller(config, space),
-                                         Ledger(parse_budget(config.budget)), SearchState())
+                                         Ledger(search_budget(config, config.budget)), SearchState())
         elif raw.get("format") != STATE_FORMAT:
             raise EvonasError(f"{out}: state.json is not a search state ({raw.get('format')!r}); "
                               "start a new search in another folder")
@@ -158,7 +165,7 @@ class Search:
             controller = load_controller(raw["controller"], genome_ops(space))
             ledger, state = Ledger.from_state(raw["ledger"]), SearchState.from_dict(raw)
         if budget is not None:
-            ledger.budget = parse_budget(budget)
+            ledger.budget = search_budget(config, budget)
         return cls(folder, config, controller, ledger, state, **kw)
 
     # --- persistence ----------------------------------------------------------------
@@ -193,7 +200,9 @@ class Search:
                 for outcome in outcomes:
                     self._finished_outcome(outcome)
                 self._show()
+                self._report()
                 self.state.driver_seconds += time.perf_counter() - start
+            self._report(force=True)
             self._end_tracking("FINISHED")
         except KeyboardInterrupt:
             self._end_tracking("KILLED")
@@ -348,6 +357,14 @@ class Search:
         if best is not None:
             summary["best_mean_fitness"] = mean_fitness(best)
         self.tracker.log_summary(self.state.parent_run_id, summary, step=len(self.state.evaluations))
+
+    def _report(self, force: bool = False) -> None:
+        """Rewrite report.html (and its copy in MLflow) every report_every_s seconds."""
+        if force or time.monotonic() - self._reported_at >= self.config.report_every_s:
+            from evonas.report import refresh
+
+            refresh(self.folder.path, self.tracker, self.state.parent_run_id)
+            self._reported_at = time.monotonic()
 
     def _end_tracking(self, status: str) -> None:
         if self.tracker is not None and self.state.parent_run_id is not None:

@@ -1,0 +1,141 @@
+"""`evonas train RUN`: full training of a search's best layers (evonas/fulltrain/).
+
+Trains the top survivors of the search in RUN and the zoo baselines on full-size
+architectures, at several batch sizes and seeds, with the same Optuna tuning budget for
+every layer, on a local Ray or a cluster; prints the leaderboard and how well the proxy
+ranked the layers. Re-running the same command after a crash or a kill resumes the stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from evonas.fulltrain.config import DEFAULT_ARCHS, DEFAULT_BASELINES, DEFAULT_BATCH_SIZES
+
+DEFAULT_EPOCHS = 30
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in _names(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of "
+                                         f"whole numbers, e.g. 128,8") from None
+
+
+def _range(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(t) for t in _names(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not two numbers LOW,HIGH, "
+                                         f"e.g. 0.01,1") from None
+    return low, high
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train", help="fully train a search's best layers and the baselines (Ray Tune)",
+        description="Train the top survivors of a search and the zoo baselines on full-size "
+        "architectures with Ray Tune: one trial per layer, architecture, batch size, seed "
+        "and hyperparameters, Optuna (TPE) tuning learning rate and weight decay with the "
+        "same number of trials for every layer, ASHA stopping hopeless trials. Re-run the "
+        "same command to resume after a crash.")
+    p.add_argument("run_dir", metavar="RUN", help="the search's run folder")
+    what = p.add_argument_group("what to train")
+    what.add_argument("--top", type=int, default=5, help="best survivors of the search (5)")
+    what.add_argument("--baselines", type=_names, default=DEFAULT_BASELINES,
+                      help=f"zoo layers, comma-separated, '' for none "
+                      f"({','.join(DEFAULT_BASELINES)})")
+    what.add_argument("--archs", type=_names, default=DEFAULT_ARCHS,
+                      help=f"architectures, comma-separated ({','.join(DEFAULT_ARCHS)})")
+    what.add_argument("--batch-sizes", type=_ints, default=DEFAULT_BATCH_SIZES,
+                      help="batch sizes, comma-separated (128,8)")
+    what.add_argument("--seeds", default="2", help="a count (2: seeds 0,1) or a list (0,3,7)")
+    what.add_argument("--trials-per-layer", type=int, default=8,
+                      help="Optuna trials per layer, architecture, batch size and seed (8)")
+    length = what.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=int, help=f"training length (default {DEFAULT_EPOCHS})")
+    length.add_argument("--steps", type=int, help="training length in SGD steps instead")
+    what.add_argument("--reports", type=int, default=10,
+                      help="validation reports per trial with --steps (10)")
+    what.add_argument("--width", type=int, default=16, help="channels of the first stage (16)")
+    what.add_argument("--groups", type=int, help="groups of grouped statistics (the space's)")
+    what.add_argument("--lr-range", type=_range, default=(0.01, 1.0),
+                      help="learning-rate range at batch 128, log scale (0.01,1)")
+    what.add_argument("--wd-range", type=_range, default=(1e-5, 1e-3),
+                      help="weight-decay range, log scale (1e-5,1e-3)")
+    what.add_argument("--dataset", help="cifar10 or synthetic (default: the search's)")
+    what.add_argument("--data-dir", help="CIFAR-10 folder (default: the search's, "
+                      "$EVONAS_DATA_DIR)")
+    how = p.add_argument_group("where and how")
+    how.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (auto)")
+    how.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    how.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    how.add_argument("--cpus-per-trial", type=float, default=1.0)
+    how.add_argument("--gpus-per-trial", type=float, default=0.0,
+                     help="GPU share per trial (0.25 packs four per GPU)")
+    how.add_argument("--workers", type=int, help="trials at once (default: what fits)")
+    how.add_argument("--max-retries", type=int, default=1,
+                     help="retries of a trial that raised or lost its worker (1)")
+    how.add_argument("--budget", help="one budget for search plus full training: 2cpu-h, "
+                     "10gpu-h or 3h (default: none)")
+    how.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS"),
+                     help="Ray cluster (default: $RAY_ADDRESS, else a local Ray)")
+    how.add_argument("--storage", help="where Tune keeps trials: a shared path or a bucket "
+                     "URI on a cluster (default: RUN/fulltrain/tune)")
+    how.add_argument("--tracking-uri", help="MLflow store (default: the search's)")
+    p.set_defaults(run=run_train, command="train")
+
+
+def config_from_args(args, run):
+    """The FullTrainConfig the flags ask for; the search's dataset where none is given."""
+    from evonas.fulltrain.config import FullTrainConfig, parse_seeds
+
+    epochs = args.epochs if args.epochs is not None or args.steps is not None else DEFAULT_EPOCHS
+    data_dir = args.data_dir or run.config.data_dir or os.environ.get("EVONAS_DATA_DIR")
+    return FullTrainConfig(
+        top=args.top, baselines=args.baselines, archs=args.archs, batch_sizes=args.batch_sizes,
+        seeds=parse_seeds(args.seeds), trials_per_layer=args.trials_per_layer, epochs=epochs,
+        steps=args.steps, reports=args.reports, width=args.width, groups=args.groups,
+        lr_range=args.lr_range, wd_range=args.wd_range,
+        dataset=args.dataset or run.config.dataset,
+        data_dir=os.path.abspath(data_dir) if data_dir else None, device=args.device,
+        bf16=args.bf16, channels_last=args.channels_last, cpus_per_trial=args.cpus_per_trial,
+        gpus_per_trial=args.gpus_per_trial, workers=args.workers, max_retries=args.max_retries,
+        budget=args.budget, ray_address=args.ray_address, storage=args.storage,
+        tracking_uri=args.tracking_uri)
+
+
+def run_train(args) -> int:
+    from evonas.fulltrain.leaderboard import format_table
+    from evonas.fulltrain.stage import STATUSES, run_full_training
+    from evonas.search.results import load_run
+
+    run = load_run(args.run_dir)
+    config = config_from_args(args, run)
+    try:
+        summary = run_full_training(args.run_dir, config)
+    except KeyboardInterrupt:
+        print("stopped; re-run the same command to resume", file=sys.stderr)
+        return 130
+    print(format_table(summary["leaderboard"], summary["kendall_tau"]))
+    trials = summary["trials"]
+    print(f"trials: {trials['started']} of {trials['planned']} planned; "
+          + ", ".join(f"{k} {trials[k]}" for k in STATUSES))
+    budget = summary["budget"]
+    if trials["started"] < trials["planned"] and budget["gated"] and budget["remaining"] <= 0:
+        print(f"{trials['planned'] - trials['started']} trials never started: the budget is "
+              f"spent (--budget sets a larger one; re-run to go on)", file=sys.stderr)
+    elif trials["interrupted"] or trials["started"] < trials["planned"]:
+        print("the stage stopped before its end; re-run the same command to resume it",
+              file=sys.stderr)
+    print(summary["budget"]["text"])
+    print(f"files: {os.path.join(args.run_dir, 'fulltrain')} (leaderboard.json, trials.json, "
+          f"summary.json); Tune experiment: {summary['experiment']}")
+    return 0

@@ -1,0 +1,182 @@
+"""From trial records to the stage's answer: the leaderboard and the proxy's rank correlation.
+
+Where it sits: stage.py turns Tune's results into one record per trial (a plain dict,
+see stage.trial_record), then calls `leaderboard` and `proxy_correlation` here and
+writes `write_files`' output to <run>/fulltrain/. Pure functions of plain data, no
+torch, no Ray, so they are tested against hand-computed values.
+
+The leaderboard's score of a (layer, architecture, batch size) is the test accuracy,
+averaged over seeds, of each seed's best completed trial, "best" by validation accuracy:
+hyperparameters are chosen on the validation split and judged on the test split, so the
+tuning cannot flatter the score. Trials ASHA stopped early, diverged or failed are not
+eligible (a seed with none completed contributes nothing, and n says how many did).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections import defaultdict
+from typing import Iterable, Sequence
+
+COMPLETED = "completed"
+ROW_FIELDS = ("layer", "arch", "batch_size", "mean", "std", "n")
+
+
+def best_per_seed(records: Iterable[dict]) -> dict[tuple, dict]:
+    """(layer, arch, batch_size, seed) -> the completed trial with the best validation
+    accuracy."""
+    best: dict[tuple, dict] = {}
+    for r in records:
+        if r["status"] != COMPLETED or r.get("test_accuracy") is None:
+            continue
+        key = (r["layer"], r["arch"], r["batch_size"], r["seed"])
+        held = best.get(key)
+        if held is None or _better(r, held):
+            best[key] = r
+    return best
+
+
+def _better(a: dict, b: dict) -> bool:
+    """Higher validation accuracy; on a tie the smaller trial id, so the pick is stable."""
+    return (a["val_accuracy"], b["trial_id"]) > (b["val_accuracy"], a["trial_id"])
+
+
+def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (n - 1); std 0.0 for one value."""
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return mean, 0.0
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return mean, math.sqrt(var)
+
+
+def leaderboard(records: Sequence[dict], layers: Sequence[str], archs: Sequence[str],
+                batch_sizes: Sequence[int]) -> list[dict]:
+    """One row per (layer, arch, batch size) of the plan, best mean first within each
+    (arch, batch size); rows without a completed trial keep mean/std None."""
+    best = best_per_seed(records)
+    counts: dict[tuple, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for r in records:
+        counts[(r["layer"], r["arch"], r["batch_size"])][r["status"]] += 1
+    rows = []
+    for arch in archs:
+        for bs in batch_sizes:
+            block = [_row(layer, arch, bs, best, counts[(layer, arch, bs)]) for layer in layers]
+            block.sort(key=lambda row: (row["mean"] is None, -(row["mean"] or 0.0), row["layer"]))
+            rows.extend(block)
+    return rows
+
+
+def _row(layer: str, arch: str, bs: int, best: dict, counts: dict[str, int]) -> dict:
+    picks = sorted((k[3], r) for k, r in best.items() if k[:3] == (layer, arch, bs))
+    mean, std = mean_std([r["test_accuracy"] for _, r in picks])
+    return {"layer": layer, "arch": arch, "batch_size": bs, "mean": mean, "std": std,
+            "n": len(picks),
+            "seeds": [{"seed": seed, "test_accuracy": r["test_accuracy"],
+                       "val_accuracy": r["val_accuracy"], "lr": r["lr"],
+                       "weight_decay": r["weight_decay"], "trial_id": r["trial_id"]}
+                      for seed, r in picks],
+            "trials": dict(sorted(counts.items()))}
+
+
+# --- does the proxy predict? -----------------------------------------------------------
+
+
+def kendall_tau_b(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Kendall's tau-b of two equally long sequences; None when undefined (fewer than
+    two pairs, or one side all ties). O(n^2): the stage ranks tens of layers, not more."""
+    if len(x) != len(y):
+        raise ValueError(f"kendall_tau_b needs sequences of one length, got {len(x)} and {len(y)}")
+    concordant = discordant = ties_x = ties_y = 0
+    n = len(x)
+    for i in range(n):
+        for j in range(i + 1, n):
+            dx, dy = _sign(x[i] - x[j]), _sign(y[i] - y[j])
+            if dx == 0:
+                ties_x += 1
+            if dy == 0:
+                ties_y += 1
+            if dx * dy > 0:
+                concordant += 1
+            elif dx * dy < 0:
+                discordant += 1
+    pairs = n * (n - 1) // 2
+    denominator = math.sqrt((pairs - ties_x) * (pairs - ties_y))
+    if denominator == 0:
+        return None
+    return (concordant - discordant) / denominator
+
+
+def _sign(v: float) -> int:
+    return (v > 0) - (v < 0)
+
+
+def proxy_correlation(rows: Sequence[dict], proxy_fitness: dict[str, float | None]) -> dict:
+    """Kendall tau between the search's proxy fitness and full-training accuracy.
+
+    overall: each layer's accuracy is the mean of its row means over every (arch, batch
+    size) of the plan, for the layers with a mean in all of them (a layer missing a
+    setting would be ranked on easier or harder settings than the others);
+    by_setting: one tau per (arch, batch size). Layers without a proxy fitness (a
+    baseline the search never scored and whose proxy run failed) are left out.
+    """
+    settings = sorted({(r["arch"], r["batch_size"]) for r in rows})
+    by_layer: dict[str, dict[tuple, float]] = defaultdict(dict)
+    for r in rows:
+        if r["mean"] is not None and proxy_fitness.get(r["layer"]) is not None:
+            by_layer[r["layer"]][(r["arch"], r["batch_size"])] = r["mean"]
+    complete = sorted(layer for layer, got in by_layer.items() if len(got) == len(settings))
+    overall = {layer: sum(by_layer[layer].values()) / len(settings) for layer in complete}
+    return {
+        "overall": _tau_entry(overall, proxy_fitness),
+        "by_setting": [{"arch": arch, "batch_size": bs,
+                        **_tau_entry({layer: got[(arch, bs)] for layer, got in by_layer.items()
+                                      if (arch, bs) in got}, proxy_fitness)}
+                       for arch, bs in settings],
+    }
+
+
+def _tau_entry(accuracy: dict[str, float], proxy: dict[str, float | None]) -> dict:
+    layers = sorted(accuracy)
+    tau = kendall_tau_b([proxy[layer] for layer in layers], [accuracy[layer] for layer in layers])
+    return {"tau": tau, "n": len(layers), "layers": layers}
+
+
+# --- files -----------------------------------------------------------------------------
+
+
+def table_rows(rows: Sequence[dict]) -> list[dict]:
+    """The leaderboard as flat rows {layer, arch, batch_size, mean, std, n}."""
+    return [{k: row[k] for k in ROW_FIELDS} for row in rows]
+
+
+def to_csv(rows: Sequence[dict]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=ROW_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for row in table_rows(rows):
+        writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+    return out.getvalue()
+
+
+def format_table(rows: Sequence[dict], correlation: dict | None = None) -> str:
+    """The leaderboard as the CLI prints it, with the rank correlation under it."""
+    lines = [f"{'arch':<18} {'batch':>5}  {'layer':<14} {'test acc':>17}"]
+    for r in rows:
+        score = ("no completed trial" if r["mean"] is None
+                 else f"{r['mean']:.4f} ± {r['std']:.4f} ({r['n']})")
+        lines.append(f"{r['arch']:<18} {r['batch_size']:>5}  {r['layer']:<14} {score:>17}")
+    if correlation is not None:
+        overall = correlation["overall"]
+        tau = "undefined" if overall["tau"] is None else f"{overall['tau']:+.3f}"
+        lines.append(f"Kendall tau, proxy fitness vs full-training accuracy: {tau} over "
+                     f"{overall['n']} layers")
+    return "\n".join(lines)
+
+
+__all__ = ["leaderboard", "best_per_seed", "mean_std", "kendall_tau_b", "proxy_correlation",
+           "table_rows", "to_csv", "format_table", "ROW_FIELDS"]

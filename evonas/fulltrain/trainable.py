@@ -1,0 +1,381 @@
+"""One full-training trial: the Ray Tune function trainable and the training loop under it.
+
+Where it sits: stage.py hands `train_layer` to a Tuner (through tune.with_resources);
+Tune runs it in a worker process once per trial, with a config that names the layer
+(a search candidate's genome or a zoo layer), the architecture, batch size, seed and the
+learning rate and weight decay Optuna proposed. The trial trains the architecture around
+the layer with SGD, reports validation accuracy and loss a fixed number of times (the
+points where ASHA may stop it), checkpoints at every report, and scores the held-out test
+split at the end.
+
+Resuming: the data order and augmentation of step t are functions of (seed, t) alone,
+so a trial restored from its checkpoint (model, optimizer, step) after a crash, a killed
+worker or a killed driver continues exactly where the uninterrupted run would have been.
+
+`run_trial` is the loop without Tune (a Reporter carries reports and checkpoints), so
+tests and debugging can run a trial in-process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from evonas.errors import EvonasError
+from evonas.fulltrain.config import LR_REFERENCE_BATCH, FullTrainConfig
+from evonas.proxy.data import load_cifar10_test, load_dataset
+from evonas.proxy.models import build_model
+from evonas.proxy.train import ProxyConfig, _make_optimizer, lr_at, random_crop_flip
+
+_CHECKPOINT_FILE = "trial.pt"
+# Synthetic data (smoke runs, tests): training images, and images held out, split in
+# halves into the validation split (reports, tuning) and the test split (final score).
+_SYNTHETIC_TRAIN = 2048
+_SYNTHETIC_HELD_OUT = 1024
+# CIFAR-10's validation split comes out of the training batches; the official test
+# batch is the test split, which no tuning decision ever reads.
+_CIFAR10_VAL = 5000
+_CIFAR10_TRAIN = 50000
+_EVAL_BATCH = 500
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """What one trial trains, read from the Tune config of the trial."""
+
+    layer: str
+    layer_spec: dict  # {"genome": dict, "zoo": name or None, "groups": int}
+    arch: str
+    batch_size: int
+    seed: int
+    lr: float  # at LR_REFERENCE_BATCH; see effective_lr
+    weight_decay: float
+    settings: FullTrainConfig
+
+    @classmethod
+    def from_config(cls, config: dict) -> TrialSpec:
+        settings = FullTrainConfig.from_dict(config["settings"])
+        return cls(layer=config["layer"], layer_spec=config["layer_spec"],
+                   arch=config["arch"], batch_size=int(config["batch_size"]),
+                   seed=int(config["seed"]), lr=float(config["lr"]),
+                   weight_decay=float(config["weight_decay"]), settings=settings)
+
+    @property
+    def effective_lr(self) -> float:
+        return self.lr * self.batch_size / LR_REFERENCE_BATCH
+
+
+class Reporter(Protocol):
+    """Where a trial's reports and checkpoints go (Tune, or a test's list)."""
+
+    def restore(self) -> dict | None:
+        """The last checkpointed state, None for a fresh trial."""
+
+    def report(self, metrics: dict, state: dict) -> None:
+        """Report metrics with the state to resume from."""
+
+
+# --- data ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Splits:
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    num_classes: int
+
+
+def load_splits(settings: FullTrainConfig) -> Splits:
+    """Training, validation and test splits of the stage's dataset (cached per process:
+    a reused worker runs trial after trial on the same data)."""
+    return _splits(settings.dataset, settings.data_dir)
+
+
+@functools.lru_cache(maxsize=2)
+def _splits(dataset: str, data_dir: str | None) -> Splits:
+    if dataset == "synthetic":
+        data = load_dataset("synthetic", n_train=_SYNTHETIC_TRAIN, n_val=_SYNTHETIC_HELD_OUT)
+        half = len(data.val_y) // 2
+        return Splits(data.train_x, data.train_y, data.val_x[:half], data.val_y[:half],
+                      data.val_x[half:], data.val_y[half:], data.num_classes)
+    data = load_dataset("cifar10", data_dir, val_size=_CIFAR10_VAL)
+    test_x, test_y = load_cifar10_test(data_dir)
+    return Splits(data.train_x, data.train_y, data.val_x, data.val_y, test_x, test_y,
+                  data.num_classes)
+
+
+def train_size(dataset: str) -> int:
+    """Training images of a dataset's training split, known without loading it."""
+    return _SYNTHETIC_TRAIN if dataset == "synthetic" else _CIFAR10_TRAIN - _CIFAR10_VAL
+
+
+def total_steps(settings: FullTrainConfig, n_train: int, batch_size: int) -> int:
+    """SGD steps of a trial: `steps`, or `epochs` passes of whole batches."""
+    if settings.steps is not None:
+        return settings.steps
+    per_epoch = n_train // batch_size
+    if per_epoch < 1:
+        raise EvonasError(f"batch size {batch_size} exceeds the {n_train} training images")
+    return settings.epochs * per_epoch
+
+
+def report_steps(total: int, reports: int) -> list[int]:
+    """The steps after which a trial reports: `reports` points spread evenly to `total`."""
+    return sorted({max(1, round(total * k / reports)) for k in range(1, reports + 1)})
+
+
+def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
+    """Indices of the minibatch at `step`: epochs of fresh permutations, ragged tails
+    dropped, each permutation drawn from (seed, epoch) so any step is found directly."""
+    per_epoch = n // batch_size
+    epoch, k = divmod(step, per_epoch)
+    gen = torch.Generator().manual_seed(_mix(seed, 1, epoch))
+    perm = torch.randperm(n, generator=gen)
+    return perm[k * batch_size:(k + 1) * batch_size]
+
+
+def _mix(*values: int) -> int:
+    return int(np.random.SeedSequence(list(values)).generate_state(1, np.uint64)[0] >> 1)
+
+
+# --- model and device ---------------------------------------------------------------
+
+
+def pick_device(settings: FullTrainConfig) -> torch.device:
+    """CUDA when the trial holds GPUs (Ray then makes its GPU the only visible one),
+    unless --device says otherwise; CPU otherwise."""
+    wanted = settings.device
+    if wanted == "auto":
+        wanted = "cuda" if settings.gpus_per_trial > 0 else "cpu"
+    if wanted.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {wanted} requested but no CUDA device is visible to "
+                           f"this trial (CUDA_VISIBLE_DEVICES="
+                           f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
+    return torch.device(wanted)
+
+
+def limit_process(settings: FullTrainConfig, device: torch.device) -> None:
+    """Keep the trial inside its share: CPU threads, and GPU memory when packed.
+
+    Two torch processes with 2 threads each on 2 cores run 4x slower than one alone, so a
+    trial uses as many threads as CPUs it holds. Ray's GPU fractions are logical only: a
+    trial holding 0.25 of a GPU caps its own memory at a quarter.
+    """
+    torch.set_num_threads(max(1, int(settings.cpus_per_trial)))
+    if device.type == "cuda" and 0 < settings.gpus_per_trial < 1:
+        torch.cuda.set_per_process_memory_fraction(settings.gpus_per_trial, device)
+
+
+def layer_norm_act(spec: TrialSpec, groups: int) -> Callable[..., nn.Module]:
+    """The layer factory: the zoo's own defaults for a zoo layer, the genome otherwise."""
+    from evonas import zoo
+    from evonas.genome import Genome
+    from evonas.interpreter import layer_factory
+
+    if spec.layer_spec.get("zoo"):
+        return zoo.factory(spec.layer_spec["zoo"], groups=groups)
+    return layer_factory(Genome.from_dict(spec.layer_spec["genome"]), groups=groups)
+
+
+def build(spec: TrialSpec, num_classes: int, device: torch.device) -> nn.Module:
+    """The architecture around the layer, initialised from the trial's seed alone."""
+    groups = spec.layer_spec.get("groups") or 8
+    with torch.random.fork_rng(devices=[]):  # the caller's RNG state stays untouched
+        torch.manual_seed(_mix(spec.seed, 0))
+        model = build_model(spec.arch, layer_norm_act(spec, groups), spec.settings.width,
+                            num_classes=num_classes)
+    model = model.to(device)
+    if spec.settings.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def autocast(settings: FullTrainConfig, device: torch.device):
+    """bfloat16 autocast when asked; the layers compute their statistics in float32."""
+    if not settings.bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def to_device(x: torch.Tensor, settings: FullTrainConfig, device: torch.device) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    if settings.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+# --- the loop -----------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: FullTrainConfig,
+             device: torch.device, limit: int | None = None) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) on the first `limit` images; (0, inf) when the
+    network outputs non-finite values."""
+    n = len(y) if limit is None else min(limit, len(y))
+    was_training = model.training
+    model.eval()
+    correct, loss_sum = 0, 0.0
+    try:
+        for lo in range(0, n, _EVAL_BATCH):
+            hi = min(n, lo + _EVAL_BATCH)
+            with autocast(settings, device):
+                logits = model(to_device(x[lo:hi], settings, device)).float()
+            if not bool(torch.isfinite(logits).all()):
+                return 0.0, math.inf
+            target = y[lo:hi].to(device)
+            loss_sum += float(F.cross_entropy(logits, target, reduction="sum"))
+            correct += int((logits.argmax(dim=1) == target).sum())
+    finally:
+        model.train(was_training)
+    return correct / n, loss_sum / n
+
+
+class _Run:
+    """The state of one trial's training: model, optimizer, step, and what it reported."""
+
+    def __init__(self, spec: TrialSpec, data: Splits, device: torch.device):
+        self.spec, self.data, self.device = spec, data, device
+        s = spec.settings
+        self.steps = total_steps(s, len(data.train_y), spec.batch_size)
+        self.report_at = report_steps(self.steps, s.num_reports)
+        self.model = build(spec, data.num_classes, device)
+        # The proxy's recipe (warm-up then cosine, decay on conv and linear weights only),
+        # so full training differs from the proxy in length and tuning, not in method.
+        self.recipe = ProxyConfig(arch=spec.arch, width=s.width, steps=self.steps,
+                                  batch_size=spec.batch_size, lr=spec.effective_lr,
+                                  momentum=s.momentum, weight_decay=spec.weight_decay,
+                                  warmup_fraction=s.warmup_fraction)
+        self.optimizer = _make_optimizer(self.model, self.recipe)
+        self.step = 0
+        self.last_metrics: dict | None = None
+
+    def load(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.last_metrics = state.get("metrics")
+
+    def state(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "step": self.step, "metrics": self.last_metrics}
+
+    def train_to(self, until: int) -> float | None:
+        """Train on to step `until`; the mean training loss, None when it diverged."""
+        s, data = self.spec.settings, self.data
+        self.model.train()
+        losses: list[float] = []
+        while self.step < until:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr_at(self.step, self.recipe)
+            idx = batch_indices(len(data.train_y), self.spec.batch_size, self.spec.seed, self.step)
+            gen = torch.Generator().manual_seed(_mix(self.spec.seed, 2, self.step))
+            x = random_crop_flip(data.train_x[idx], gen)
+            x, y = to_device(x, s, self.device), data.train_y[idx].to(self.device)
+            with autocast(s, self.device):
+                logits = self.model(x)
+            loss = F.cross_entropy(logits.float(), y)
+            value = loss.item()
+            if not math.isfinite(value):
+                return None
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.step += 1
+            losses.append(value)
+        return sum(losses) / max(1, len(losses))
+
+    def metrics(self, train_loss: float | None, seconds: float) -> dict:
+        s, data = self.spec.settings, self.data
+        done = self.step >= self.steps
+        if train_loss is None:
+            val_acc, val_loss = 0.0, math.inf
+        else:
+            val_acc, val_loss = evaluate(self.model, data.val_x, data.val_y, s, self.device,
+                                         s.eval_size)
+        diverged = train_loss is None or not math.isfinite(val_loss)
+        out = {"step": self.step, "epoch": self.step * self.spec.batch_size / len(data.train_y),
+               "val_accuracy": val_acc, "val_loss": _finite(val_loss),
+               "train_loss": _finite(train_loss), "lr": lr_at(max(0, self.step - 1), self.recipe),
+               "train_seconds": seconds, "diverged": diverged, "completed": done or diverged}
+        if done and not diverged:
+            out["test_accuracy"], _ = evaluate(self.model, data.test_x, data.test_y, s, self.device)
+        return out
+
+
+def _finite(x: float | None) -> float:
+    # Tune's result files and MLflow both take plain finite floats best; a diverged run
+    # reports a loss far above any real one instead of infinity or NaN.
+    return 1e9 if x is None or not math.isfinite(x) else float(x)
+
+
+def run_trial(spec: TrialSpec, reporter: Reporter, *, data: Splits | None = None) -> dict:
+    """Train one trial to its end (or until the reporter's caller stops it); returns the
+    last metrics. A diverged run reports accuracy 0 once and ends: a result, not an error."""
+    device = pick_device(spec.settings)
+    limit_process(spec.settings, device)
+    data = data or load_splits(spec.settings)
+    run = _Run(spec, data, device)
+    state = reporter.restore()
+    if state is not None:
+        run.load(state)
+        if run.step >= run.steps and run.last_metrics is not None:
+            # Killed between its last checkpoint and Tune recording it: say it again.
+            reporter.report(run.last_metrics, run.state())
+            return run.last_metrics
+    for until in (t for t in run.report_at if t > run.step):
+        start = time.perf_counter()
+        loss = run.train_to(until)
+        run.last_metrics = run.metrics(loss, time.perf_counter() - start)
+        reporter.report(run.last_metrics, run.state())
+        if run.last_metrics["completed"]:
+            break
+    return run.last_metrics
+
+
+# --- Tune ---------------------------------------------------------------------------
+
+
+class TuneReporter:
+    """Reports through ray.tune, with the trial state as a Tune checkpoint."""
+
+    def restore(self) -> dict | None:
+        from ray import tune
+
+        checkpoint = tune.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as folder:
+            return torch.load(os.path.join(folder, _CHECKPOINT_FILE), map_location="cpu",
+                              weights_only=True)
+
+    def report(self, metrics: dict, state: dict) -> None:
+        from ray import tune
+
+        with tempfile.TemporaryDirectory(prefix="evonas-trial-") as folder:
+            torch.save(state, os.path.join(folder, _CHECKPOINT_FILE))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+def train_layer(config: dict) -> None:
+    """The Tune function trainable: one trial from its config (see TrialSpec)."""
+    run_trial(TrialSpec.from_config(config), TuneReporter())
+
+
+__all__ = ["TrialSpec", "Splits", "Reporter", "run_trial", "train_layer", "load_splits",
+           "train_size", "total_steps", "report_steps", "batch_indices", "pick_device"]

@@ -1,0 +1,412 @@
+"""Full training (evonas/fulltrain/): real Ray Tune and Optuna on synthetic data, tiny sizes.
+
+One small search run (module fixture) feeds every stage here; each stage works on its
+own copy of the run folder. The Ray stages start an embedded Ray of two CPUs.
+"""
+
+import copy
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from sockets import descendants, is_loopback, listening_addresses
+
+from evonas.cli import main
+from evonas.errors import EvonasError
+from evonas.fulltrain.config import FullTrainConfig, parse_seeds
+from evonas.fulltrain.leaderboard import kendall_tau_b, leaderboard, mean_std, proxy_correlation
+
+pytestmark = pytest.mark.slow
+
+SEARCH = ["--space", "norm_act_s", "--budget", "6evals", "--workers", "0", "--dataset",
+          "synthetic", "--archs", "resnet", "--proxy-steps", "12", "--quality-steps", "6",
+          "--quality-threshold", "0.05", "--proxy-batch", "32", "--proxy-width", "8",
+          "--stability-steps", "2", "--population", "4", "--tournament", "2"]
+# Two layers (the search's best and a zoo baseline), ResNet-20 at width 4, a few steps.
+TINY = dict(top=1, baselines=("bn_relu",), archs=("resnet20",), dataset="synthetic",
+            epochs=None, steps=4, reports=2, width=4, workers=2)
+
+
+def _env():
+    # One thread per process: this machine's two cores are shared, and two 2-thread torch
+    # processes on two cores run 4x slower than one.
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def search_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("search") / "s"
+    done = subprocess.run([sys.executable, "-m", "evonas", "search", *SEARCH, "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, env=_env())
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+@pytest.fixture
+def run_copy(search_run, tmp_path):
+    dest = tmp_path / "run"
+    shutil.copytree(search_run, dest, ignore=shutil.ignore_patterns("lock", "fulltrain"))
+    return dest
+
+
+# --- pure parts ------------------------------------------------------------------------
+
+
+def test_kendall_tau_b_matches_reference_values():
+    # scipy.stats.kendalltau's documented example (tau-b, with ties on both sides).
+    assert kendall_tau_b([12, 2, 1, 12, 2], [1, 4, 7, 1, 0]) == pytest.approx(-0.47140452079103173)
+    # No ties: 6 concordant and 4 discordant pairs of 10, counted by hand.
+    assert kendall_tau_b([1, 2, 3, 4, 5], [3, 4, 1, 2, 5]) == pytest.approx(0.2)
+    assert kendall_tau_b([1, 2, 3], [10, 20, 30]) == 1.0
+    assert kendall_tau_b([1, 2, 3], [3, 2, 1]) == -1.0
+    assert kendall_tau_b([1, 1, 1], [1, 2, 3]) is None
+    assert kendall_tau_b([1], [2]) is None
+
+
+def _record(layer, bs, seed, val, test, status="completed", tid=None):
+    return {"trial_id": tid or f"{layer}{bs}{seed}{val}", "layer": layer, "arch": "resnet20",
+            "batch_size": bs, "seed": seed, "status": status, "val_accuracy": val,
+            "test_accuracy": test if status == "completed" else None, "lr": 0.1,
+            "weight_decay": 5e-4}
+
+
+def test_leaderboard_takes_each_seeds_best_trial_by_validation_and_scores_it_on_test():
+    records = [_record("a", 8, 0, 0.5, 0.40), _record("a", 8, 0, 0.6, 0.30),  # best val wins
+               _record("a", 8, 1, 0.7, 0.50), _record("a", 8, 1, 0.9, 0.99, status="stopped"),
+               _record("b", 8, 0, 0.2, 0.20), _record("b", 8, 1, 0.1, 0.0, status="failed")]
+    rows = leaderboard(records, ["a", "b"], ["resnet20"], [8])
+    a, b = rows
+    assert (a["layer"], a["n"]) == ("a", 2) and a["mean"] == pytest.approx(0.40)
+    assert a["std"] == pytest.approx(mean_std([0.30, 0.50])[1])
+    assert (b["layer"], b["n"], b["mean"], b["std"]) == ("b", 1, 0.20, 0.0)
+    assert b["trials"] == {"completed": 1, "failed": 1}
+    corr = proxy_correlation(rows, {"a": 0.9, "b": 0.1})
+    assert corr["overall"] == {"tau": 1.0, "n": 2, "layers": ["a", "b"]}
+    assert proxy_correlation(rows, {"a": 0.9, "b": None})["overall"]["n"] == 1
+
+
+def test_config_checks_and_seed_lists():
+    assert parse_seeds("2") == (0, 1) and parse_seeds("0,3,7") == (0, 3, 7)
+    assert FullTrainConfig(gpus_per_trial=0.25).device_share == 0.25
+    for bad, message in [(dict(archs=("resnet99",)), "unknown architecture"),
+                         (dict(batch_sizes=(0,)), ">= 1"),
+                         (dict(gpus_per_trial=0.3), "does not split a GPU evenly"),
+                         (dict(steps=10), "--epochs or as --steps"),
+                         (dict(device="cuda"), "needs --gpus-per-trial"),
+                         (dict(budget="2gpu-h"), "trials run on CPUs")]:
+        with pytest.raises(EvonasError, match=message):
+            FullTrainConfig(**bad)
+
+
+def test_trial_with_bf16_and_channels_last_resumes_exactly_from_its_checkpoint():
+    """The GPU path's options run on CPU too; a trial restored from its first checkpoint
+    ends exactly as the uninterrupted one (data order and augmentation depend on the
+    step only)."""
+    from evonas import zoo
+    from evonas.fulltrain.trainable import TrialSpec, run_trial
+
+    settings = FullTrainConfig(**{**TINY, "bf16": True, "channels_last": True})
+    spec = TrialSpec("evonorm_s0", {"genome": zoo.get("evonorm_s0").to_dict(),
+                                    "zoo": "evonorm_s0", "groups": 2},
+                     "resnet20", 8, 0, 0.1, 5e-4, settings)
+
+    class Memory:
+        def __init__(self, start=None):
+            self.start, self.reports = start, []
+
+        def restore(self):
+            return self.start
+
+        def report(self, metrics, state):
+            self.reports.append((metrics, copy.deepcopy(state)))
+
+    whole = Memory()
+    last = run_trial(spec, whole)
+    assert [m["step"] for m, _ in whole.reports] == [2, 4]
+    assert last["completed"] and not last["diverged"] and 0 <= last["test_accuracy"] <= 1
+    resumed = Memory(start=whole.reports[0][1])
+    again = run_trial(spec, resumed)
+    assert [m["step"] for m, _ in resumed.reports] == [4]
+    for key in ("val_accuracy", "val_loss", "train_loss", "test_accuracy"):
+        assert again[key] == last[key], key
+
+
+def test_grouped_search_gives_every_group_the_same_trials_and_stops_on_the_budget():
+    from ray.tune.search import Searcher
+
+    from evonas.fulltrain.tuning import LIVE, Group, GroupedSearch, StageHooks
+
+    class Counting:  # stands in for one group's OptunaSearch
+        def __init__(self, group):
+            self.n = 0
+
+        def suggest(self, trial_id):
+            self.n += 1
+            return {"lr": 0.1 * self.n, "weight_decay": 1e-4}
+
+        def on_trial_complete(self, trial_id, result=None, error=False):
+            pass
+
+    groups = [Group(layer, "resnet20", 8, 0) for layer in ("a", "b", "c")]
+    search = GroupedSearch(groups, 2, Counting, layer_specs={"a": {}, "b": {}, "c": {}},
+                           experiment="t", max_concurrent_per_group=1)
+    first = [search.suggest(f"t{i}") for i in range(4)]
+    assert [s["layer"] for s in first[:3]] == ["a", "b", "c"] and first[3] is None  # all busy
+    for i in range(3):
+        search.on_trial_complete(f"t{i}", {"val_accuracy": 0.5})
+
+    class Spent(StageHooks):
+        def can_start(self):
+            return False
+
+    LIVE["t"] = Spent()
+    try:
+        assert search.suggest("t9") == Searcher.FINISHED
+    finally:
+        del LIVE["t"]
+    second = [search.suggest(f"u{i}") for i in range(3)]
+    assert sorted(s["layer"] for s in second) == ["a", "b", "c"]
+    for i in range(3):
+        search.on_trial_complete(f"u{i}", {"val_accuracy": 0.5})
+    assert search.suggest("v0") == Searcher.FINISHED
+    assert set(search.started.values()) == {2}
+
+
+def test_grouped_asha_compares_a_trial_only_with_its_own_group():
+    from ray.tune.schedulers import TrialScheduler
+
+    from evonas.fulltrain.tuning import GroupedASHA
+
+    class Trial:
+        def __init__(self, trial_id, group):
+            self.trial_id, self.config = trial_id, {"group": group}
+
+    asha = GroupedASHA(max_t=4, grace_period=1, reduction_factor=2)
+    strong, weak, weak_too = Trial("s", "a"), Trial("w", "b"), Trial("w2", "a")
+    for trial in (strong, weak, weak_too):
+        asha.on_trial_add(None, trial)
+
+    def at_rung_1(trial, accuracy):
+        result = {"training_iteration": 1, "val_accuracy": accuracy}
+        return asha.on_trial_result(None, trial, result)
+
+    assert at_rung_1(strong, 0.9) == TrialScheduler.CONTINUE
+    assert at_rung_1(weak, 0.1) == TrialScheduler.CONTINUE  # first of its own group
+    assert at_rung_1(weak_too, 0.1) == TrialScheduler.STOP  # below group a's rung
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--archs", "resnet99"], "unknown architecture 'resnet99'"),
+    (["--batch-sizes", "128,0"], "--batch-sizes: a batch size must be a whole number >= 1"),
+    (["--gpus-per-trial", "0.3"], "does not split a GPU evenly"),
+    (["--budget", "5evals"], "cannot bound full training"),
+    (["--budget", "0.000001cpu-h"], "is already spent"),
+])
+def test_bad_arguments_fail_in_one_line_and_write_nothing(run_copy, capsys, flags, message):
+    before = sorted(p.name for p in run_copy.iterdir())
+    assert main(["train", str(run_copy), "--dataset", "synthetic", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert sorted(p.name for p in run_copy.iterdir()) == before
+
+
+# --- the stage on Ray ----------------------------------------------------------------
+
+
+def test_stage_trains_tunes_ranks_and_logs_to_mlflow(run_copy):
+    from mlflow.tracking import MlflowClient
+
+    from evonas.fulltrain.stage import run_full_training
+
+    listening = []
+
+    def progress(line):
+        if not listening:  # once, while Ray and its workers run
+            listening.extend(listening_addresses(descendants(os.getpid())))
+
+    config = FullTrainConfig(**TINY, batch_sizes=(16, 8), seeds=(0, 1), trials_per_layer=2)
+    summary = run_full_training(str(run_copy), config, progress=progress)
+
+    assert listening and all(is_loopback(a) for a in listening), listening
+    assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ
+    trials = summary["trials"]
+    assert trials["planned"] == trials["started"] == 16  # 2 layers x 2 batch sizes x 2 seeds x 2
+    assert trials["failed"] == 0
+    cand = summary["layers"][0]["layer"]
+    assert summary["trials_per_layer"] == {cand: 8, "bn_relu": 8}
+    records = json.loads((run_copy / "fulltrain" / "trials.json").read_text())
+    per_group = {}
+    for r in records:
+        per_group.setdefault((r["layer"], r["batch_size"], r["seed"]), []).append(r)
+    assert len(per_group) == 8 and {len(v) for v in per_group.values()} == {2}
+    # Each group's first trial is the standard recipe; the second is Optuna's.
+    assert all(any(r["lr"] == 0.1 and r["weight_decay"] == 5e-4 for r in v)
+               for v in per_group.values())
+
+    board = json.loads((run_copy / "fulltrain" / "leaderboard.json").read_text())
+    assert {(r["layer"], r["batch_size"]) for r in board} == {
+        (cand, 16), (cand, 8), ("bn_relu", 16), ("bn_relu", 8)}
+    for row in board:
+        assert set(row) == {"layer", "arch", "batch_size", "mean", "std", "n"}
+        assert 1 <= row["n"] <= 2 and 0 <= row["mean"] <= 1 and row["std"] >= 0
+    assert (run_copy / "fulltrain" / "leaderboard.csv").read_text().startswith(
+        "layer,arch,batch_size,mean,std,n")
+    tau = summary["kendall_tau"]["overall"]
+    assert tau["n"] == 2 and tau["tau"] in (-1.0, 1.0)  # the baseline got its proxy run
+    assert summary["layers"][1]["proxy_fitness"] is not None
+
+    state = json.loads((run_copy / "state.json").read_text())
+    parent = state["parent_run_id"]
+    client = MlflowClient(f"sqlite:///{run_copy / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("evonas").experiment_id
+    runs = client.search_runs([exp], f"tags.`evonas.kind` = 'full_train' and "
+                                     f"tags.mlflow.parentRunId = '{parent}'", max_results=100)
+    assert len(runs) == 16 and all(r.info.status == "FINISHED" for r in runs)
+    cand_run = client.search_runs([exp], f"tags.`evonas.candidate_id` = '{cand}' and "
+                                         f"tags.`evonas.kind` = 'candidate'")[0].info.run_id
+    for r in runs:
+        tags, params = r.data.tags, r.data.params
+        assert {"lr", "weight_decay", "lr_effective"} <= set(params)
+        assert tags["evonas.arch"] == "resnet20" and tags["evonas.seed"] in ("0", "1")
+        if tags["evonas.layer"] == cand:
+            assert tags["evonas.candidate_id"] == cand
+            assert tags["evonas.candidate_run_id"] == cand_run
+        else:
+            assert tags["evonas.candidate_id"] == "zoo:bn_relu"
+    history = client.get_metric_history(runs[0].info.run_id, "val_accuracy")
+    assert [m.step for m in history][:1] == [2]
+    parent_run = client.get_run(parent)
+    assert "fulltrain.kendall_tau" in parent_run.data.metrics
+    files = {f.path for f in client.list_artifacts(parent, "fulltrain")}
+    assert {"fulltrain/leaderboard.csv", "fulltrain/leaderboard.json"} <= files
+
+
+def test_no_trial_starts_once_the_shared_ledger_is_spent(run_copy):
+    from evonas.budget import Budget, Ledger
+    from evonas.fulltrain.stage import run_full_training
+
+    search_state = json.loads((run_copy / "state.json").read_text())
+    ledger = Ledger.from_state(search_state["ledger"])
+    # What the search left of the whole budget: half a CPU-second, less than one report.
+    ledger.budget = Budget("device", ledger.device_seconds("cpu") + 0.5, "cpu")
+    config = FullTrainConfig(**{**TINY, "baselines": (), "workers": 1}, batch_sizes=(16,),
+                             seeds=(0,), trials_per_layer=3)
+    summary = run_full_training(str(run_copy), config, ledger, progress=lambda line: None)
+    assert summary["trials"]["planned"] == 3 and summary["trials"]["started"] == 1
+    assert ledger.exhausted() and ledger.summary()["stages"]["fulltrain"]["device_seconds"]["cpu"] > 0
+
+
+# Fault injection, run in Ray workers: this module is pickled by value for them.
+FAULTS = {"dir": ""}
+
+
+def _faulty_train_layer(config):
+    from evonas.fulltrain.trainable import TrialSpec, TuneReporter, run_trial
+
+    folder = Path(FAULTS["dir"])
+    if config["layer"] == "bn_relu":
+        with open(folder / "raised", "a") as f:
+            f.write("x\n")
+        raise RuntimeError("injected fault in bn_relu")
+
+    class KillOnce(TuneReporter):
+        def restore(self):
+            state = super().restore()
+            if state is not None:
+                (folder / "restored_at").write_text(str(state["step"]))
+            return state
+
+        def report(self, metrics, state):
+            if metrics["step"] == 4 and not (folder / "killed").exists():
+                (folder / "killed").write_text("")
+                os.kill(os.getpid(), signal.SIGKILL)  # the worker dies mid-trial
+            super().report(metrics, state)
+
+    run_trial(TrialSpec.from_config(config), KillOnce())
+
+
+def test_failing_trial_is_retried_then_recorded_and_a_killed_worker_does_not_stop_the_stage(
+        run_copy, tmp_path, monkeypatch):
+    from ray import cloudpickle
+
+    from evonas.fulltrain import stage
+
+    FAULTS["dir"] = str(tmp_path)
+    module = sys.modules[__name__]
+    cloudpickle.register_pickle_by_value(module)
+    monkeypatch.setattr(stage, "train_layer", _faulty_train_layer)
+    try:
+        config = FullTrainConfig(**TINY, batch_sizes=(16,), seeds=(0,), trials_per_layer=1,
+                                 max_retries=1)
+        summary = stage.run_full_training(str(run_copy), config, progress=lambda line: None)
+    finally:
+        cloudpickle.unregister_pickle_by_value(module)
+    records = {r["layer"]: r for r in
+               json.loads((run_copy / "fulltrain" / "trials.json").read_text())}
+    failed = records["bn_relu"]
+    assert failed["status"] == "failed" and failed["attempts"] == 2
+    assert "RuntimeError: injected fault in bn_relu" in failed["reason"]
+    assert (tmp_path / "raised").read_text().count("x") == 2  # the first try and one retry
+    survivor = next(r for name, r in records.items() if name != "bn_relu")
+    assert survivor["status"] == "completed" and survivor["attempts"] == 2
+    assert (tmp_path / "restored_at").read_text() == "2"  # went on from its checkpoint
+    assert [p["step"] for p in survivor["curve"]] == [2, 4]
+    rows = {r["layer"]: r for r in summary["leaderboard"]}
+    assert rows["bn_relu"]["mean"] is None and rows[survivor["layer"]]["n"] == 1
+
+
+def _terminated(experiment):
+    """Trial ids Tune's saved experiment state counts as finished."""
+    states = sorted(experiment.glob("experiment_state-*.json"))
+    if not states:
+        return set()
+    try:
+        data = json.loads(states[-1].read_text())
+    except ValueError:  # caught mid-write
+        return set()
+    return {json.loads(t[0])["trial_id"] for t in data["trial_data"]
+            if json.loads(t[0])["status"] == "TERMINATED"}
+
+
+def test_killed_driver_resumes_the_stage_without_redoing_finished_trials(run_copy):
+    cmd = [sys.executable, "-m", "evonas", "train", str(run_copy), "--top", "1",
+           "--baselines", "bn_relu", "--archs", "resnet20", "--batch-sizes", "16", "--seeds", "1",
+           "--trials-per-layer", "3", "--steps", "30", "--reports", "3", "--width", "4",
+           "--workers", "1", "--dataset", "synthetic"]
+    # Tune saves its experiment state every 10 s or more by default; every half second
+    # here, so the kill comes soon after two trials are on record, on any machine's speed.
+    env = {**_env(), "TUNE_GLOBAL_CHECKPOINT_S": "0.5"}
+    driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True, env=env)
+    tune_dir = run_copy / "fulltrain" / "tune"
+    finished, deadline = set(), time.monotonic() + 240
+    try:
+        while len(finished) < 2 and driver.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+            finished = set().union(*(_terminated(e) for e in tune_dir.glob("fulltrain-*")))
+        assert driver.poll() is None, "the stage ended before it could be killed"
+        assert len(finished) >= 2, "no trial finished in time"
+        before = {}
+        for tid in finished:
+            result = next(tune_dir.glob(f"fulltrain-*/{tid}-*/result.json"))
+            before[tid] = (result, result.stat().st_mtime_ns, result.read_text())
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started
+        driver.wait()
+
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env())
+    assert again.returncode == 0, again.stderr
+    assert "resuming" in again.stderr
+    for tid, (result, mtime, text) in before.items():
+        assert result.stat().st_mtime_ns == mtime and result.read_text() == text, tid
+    records = json.loads((run_copy / "fulltrain" / "trials.json").read_text())
+    assert finished <= {r["trial_id"] for r in records}
+    summary = json.loads((run_copy / "fulltrain" / "summary.json").read_text())
+    assert summary["trials"]["started"] == summary["trials"]["planned"] == 6
+    assert sorted(summary["trials_per_layer"].values()) == [3, 3]
