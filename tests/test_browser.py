@@ -18,13 +18,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from evonas.cli import main
+from evonas.cli.dashboards import wait_for_health
 from test_report import ROWS, make_run
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -141,19 +140,9 @@ def _free_port() -> int:
 
 
 def _wait_for_health(url: str, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + UI_START_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"evonas ui exited with {proc.returncode}: "
-                                 f"{proc.stderr.read()[-2000:]}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"evonas ui not answering at {url} after {UI_START_S} s")
+    problem = wait_for_health(url, proc, UI_START_S)
+    detail = proc.stderr.read()[-2000:] if proc.poll() is not None else ""
+    assert problem is None, f"evonas ui {problem}: {detail}"
 
 
 def _port_closed(port: int) -> bool:

@@ -8,8 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 
 import mlflow
 import pytest
@@ -17,6 +15,7 @@ from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
 from evonas import zoo
+from evonas.cli.dashboards import wait_for_health
 from evonas.export import export_source
 from evonas.genome import Genome
 from evonas.records import Candidate, Evaluation
@@ -187,18 +186,8 @@ def _free_port() -> int:
 
 
 def _wait_until_up(url: str, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"mlflow server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"mlflow server not answering at {url} after {timeout} s")
+    problem = wait_for_health(url, proc, timeout)
+    assert problem is None, f"mlflow server {problem}"
 
 
 def _stop(proc: subprocess.Popen) -> None:

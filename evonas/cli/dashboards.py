@@ -144,21 +144,27 @@ def _start_server(folder, port: int, log) -> subprocess.Popen:
                             start_new_session=True)
 
 
-def _wait_until_up(url: str, server: subprocess.Popen, log) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
+def wait_for_health(url: str, server: subprocess.Popen, timeout: float) -> str | None:
+    """None once the MLflow server at url answers /health; else why not, in a few words
+    (it exited, or it did not answer within timeout seconds)."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            raise EvonasError(f"mlflow server exited (status {server.returncode}) before "
-                              f"answering: {_last_line(log)}")
+            return f"exited (status {server.returncode}) before answering"
         try:
             with urllib.request.urlopen(url + "/health", timeout=2) as resp:
                 if resp.status == 200:
-                    return
+                    return None
         except OSError:
             pass
         time.sleep(0.5)
-    raise EvonasError(f"mlflow server not answering at {url} after {START_TIMEOUT_S:.0f} s: "
-                      f"{_last_line(log)}")
+    return f"not answering at {url} after {timeout:.0f} s"
+
+
+def _wait_until_up(url: str, server: subprocess.Popen, log) -> None:
+    problem = wait_for_health(url, server, START_TIMEOUT_S)
+    if problem is not None:
+        raise EvonasError(f"mlflow server {problem}: {_last_line(log)}")
 
 
 def _experiment_id(tracking_uri: str) -> str | None:
