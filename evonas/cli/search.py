@@ -95,10 +95,6 @@ def run_search(args) -> int:
         search = Search.resume(args.resume, budget=args.budget)
     else:
         config = _config(args)
-        config.validate_parts()
-        from evonas.proxy.data import ensure_dataset
-
-        ensure_dataset(config.dataset, config.data_dir)
         if config.full_train_top:  # its settings fail now, not after the search
             from evonas.fulltrain import for_search
 

@@ -141,7 +141,11 @@ class Search:
 
     @classmethod
     def create(cls, out: str | Path, config: SearchConfig, **kw) -> "Search":
+        """Check every named part and the data before the run folder is written."""
+        from evonas.proxy.data import ensure_dataset
+
         config.validate_parts()
+        ensure_dataset(config.dataset, config.data_dir)
         space = load_space(config.space)
         folder = RunFolder.create(out, config.to_dict())
         search = cls(folder, config, new_controller(config, space),

@@ -54,15 +54,16 @@ def evaluate_candidate(payload: dict) -> dict:
     candidate = Candidate.from_dict(payload["candidate"])
     config = SearchConfig.from_dict(payload["config"])
     deadline = time.monotonic() + config.eval_time_limit_s
-    ev = Evaluation(candidate.candidate_id, SURVIVOR, device="gpu" if _device(config) == "cuda" else "cpu",
-                    share=config.gpus_per_eval if _device(config) == "cuda" else config.cpus_per_eval,
+    device = _device(config)
+    on_gpu = device == "cuda"
+    ev = Evaluation(candidate.candidate_id, SURVIVOR, device="gpu" if on_gpu else "cpu",
+                    share=config.gpus_per_eval if on_gpu else config.cpus_per_eval,
                     worker=f"{socket.gethostname()}:{os.getpid()}")
     genome = Genome.from_dict(candidate.genome)
     groups = load_space(config.space).groups
     factory = layer_factory(genome, groups=groups)
     data = load_dataset(config.dataset, config.data_dir, seed=config.seed)
     seed = candidate_seed(config.seed, candidate.candidate_id)
-    device = _device(config)
 
     if not _stability(ev, factory, data, config, seed, device):
         return ev.to_dict()
