@@ -171,3 +171,29 @@ def test_a_wall_time_budget_is_a_deadline(tmp_path):
     evonas("search", "--space", "norm_act_s", "--budget", "40s", "--out", run, "--workers", "1",
            "--seed-zoo", *long, timeout=180)
     assert state(run)["controller"]["in_flight"]  # cancelled, to be proposed afresh
+
+
+def test_every_candidate_of_a_search_trains_under_the_same_random_numbers():
+    """Common random numbers: one layer scores the same whenever it is proposed, so
+    fitness differences between candidates come from the layers, not from their seeds."""
+    from evonas import zoo
+    from evonas.records import Candidate
+    from evonas.search.config import SearchConfig, StageConfig
+    from evonas.search.evaluate import evaluate_candidate
+
+    def score(candidate_id, seed):
+        config = SearchConfig(space="norm_act_s", budget="2evals", dataset="synthetic", seed=seed,
+                              archs=("resnet",), proxy_steps=8, proxy_batch_size=16,
+                              proxy_width=4, workers=0,
+                              stages=StageConfig(stability_steps=1, quality_steps=4,
+                                                 quality_threshold=0.0))
+        genome = zoo.get("evonorm_s0").to_dict()
+        payload = {"candidate": Candidate(candidate_id, genome, None, "random").to_dict(),
+                   "config": config.to_dict()}
+        ev = evaluate_candidate(payload)
+        assert ev["status"] == "survivor", ev
+        return ev["fitness"]["resnet"], ev["metrics"]["stability_peak_grad_norm"]
+
+    first = score("c000001", seed=0)
+    assert score("c000977", seed=0) == first
+    assert score("c000001", seed=1) != first

@@ -33,6 +33,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed-zoo", action="store_true", help="start from the zoo layers of the space")
     p.add_argument("--population", type=int, default=50, help="aging-evolution population")
     p.add_argument("--tournament", type=int, default=10, help="tournament sample size")
+    p.add_argument("--random-fraction", type=float, default=0.5, metavar="R",
+                   help="share of evolution's proposals that are random immigrants "
+                   "(0: every proposal mutates a tournament winner, as in the paper)")
     p.add_argument("--archs", type=_archs, default=("resnet", "mobilenetv2", "efficientnet"),
                    help="proxy architectures, comma-separated (one objective each)")
     p.add_argument("--proxy-steps", type=int, default=300)
@@ -54,7 +57,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tracking-uri", help="MLflow server (default: SQLite in the run folder)")
     p.add_argument("--full-train-top", type=int, default=0, metavar="N",
                    help="then train the N best layers and the baselines fully; the search "
-                   "gets 80%% of --budget")
+                   "gets --search-share (80%%) of --budget")
+    p.add_argument("--search-share", type=float, default=0.8, metavar="F",
+                   help="with --full-train-top, the share of --budget the search may spend; "
+                   "full training gets the rest")
+    p.add_argument("--full-train-config", metavar="FILE",
+                   help="JSON object of `evonas train` settings for --full-train-top, "
+                   'e.g. {"archs": ["resnet20"], "epochs": 10, "seeds": [0, 1]}')
     p.add_argument("--report-every", type=float, default=300.0, metavar="SECONDS",
                    help="rewrite RUN/report.html this often while searching")
     p.set_defaults(run=run_search, command="search")
@@ -77,21 +86,34 @@ def _config(args):
         space=args.space, budget=args.budget, dataset=args.dataset,
         data_dir=os.path.abspath(args.data_dir) if args.data_dir else None, seed=args.seed,
         controller=args.controller, seed_zoo=args.seed_zoo, population_size=args.population,
-        tournament_size=args.tournament, archs=args.archs, proxy_steps=args.proxy_steps,
+        tournament_size=args.tournament, random_fraction=args.random_fraction,
+        archs=args.archs, proxy_steps=args.proxy_steps,
         proxy_batch_size=args.proxy_batch, proxy_lr=args.proxy_lr, proxy_width=args.proxy_width,
         workers=args.workers, cpus_per_eval=args.cpus_per_eval, gpus_per_eval=args.gpus_per_eval,
         eval_time_limit_s=args.eval_time_limit, ray_address=args.ray_address,
         tracking_uri=args.tracking_uri, report_every_s=args.report_every,
-        full_train_top=args.full_train_top, stages=stages)
+        full_train_top=args.full_train_top, search_share=args.search_share,
+        full_train=_full_train(args), stages=stages)
+
+
+def _full_train(args) -> dict | None:
+    if args.full_train_config is None:
+        return None
+    if not args.full_train_top:
+        raise EvonasError("--full-train-config configures --full-train-top N; give both")
+    from evonas.fulltrain.config import load_overrides
+
+    return load_overrides(args.full_train_config)
 
 
 def run_search(args) -> int:
     from evonas.search.driver import Search
 
     if args.resume:
-        given = [f for f in ("out", "space") if getattr(args, f) not in (None, "norm_act")]
+        given = [f for f in ("out", "space", "full_train_config")
+                 if getattr(args, f) not in (None, "norm_act")]
         if given:
-            raise EvonasError(f"--resume continues with the run's own settings; drop --{given[0]}")
+            raise EvonasError(f"--resume continues with the run's own settings; drop --{given[0].replace('_', '-')}")
         search = Search.resume(args.resume, budget=args.budget)
     else:
         config = _config(args)

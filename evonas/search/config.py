@@ -52,6 +52,8 @@ class SearchConfig:
     seed_zoo: bool = False
     population_size: int = 50
     tournament_size: int = 10
+    # Share of evolution's proposals that are random immigrants (evolution.py says why).
+    random_fraction: float = 0.5
     archs: tuple[str, ...] = ("resnet", "mobilenetv2", "efficientnet")
     proxy_steps: int = 300
     proxy_batch_size: int = 128
@@ -70,6 +72,12 @@ class SearchConfig:
     # After the search, train this many best layers and the baselines fully (fulltrain/);
     # the search then gets 80% of the budget (Budget.split).
     full_train_top: int = 0
+    # With full_train_top, the share of --budget the search may spend; full training
+    # gets what the whole budget has left when the search ends (Budget.split).
+    search_share: float = 0.8
+    # Settings of that full training that differ from `evonas train`'s defaults, by
+    # FullTrainConfig field name (--full-train-config FILE); kept so a resume uses them.
+    full_train: Mapping[str, Any] | None = None
     stages: StageConfig = StageConfig()
 
     def __post_init__(self) -> None:
@@ -84,6 +92,10 @@ class SearchConfig:
         _positive_int("--proxy-steps", self.proxy_steps)
         _positive_int("--proxy-batch", self.proxy_batch_size)
         _positive_int("--proxy-width", self.proxy_width)
+        if isinstance(self.random_fraction, bool) or not isinstance(
+                self.random_fraction, (int, float)) or not 0 <= self.random_fraction < 1:
+            raise EvonasError(f"--random-fraction must be a number in [0, 1), got "
+                              f"{self.random_fraction!r} (0: every proposal a mutant)")
         if self.tournament_size > self.population_size:
             raise EvonasError(f"--tournament {self.tournament_size} is larger than --population "
                               f"{self.population_size}; use at most the population size")
@@ -102,6 +114,10 @@ class SearchConfig:
                 or self.full_train_top < 0:
             raise EvonasError(f"--full-train-top must be a whole number >= 0, got "
                               f"{self.full_train_top!r}")
+        if isinstance(self.search_share, bool) or not isinstance(
+                self.search_share, (int, float)) or not 0 < self.search_share < 1:
+            raise EvonasError(f"--search-share must lie strictly between 0 and 1, got "
+                              f"{self.search_share!r} (0.8: 80% search, the rest full training)")
         if not 0 <= self.stages.quality_threshold < 1:
             raise EvonasError("the quality threshold is an accuracy in [0, 1)")
 
@@ -116,6 +132,8 @@ class SearchConfig:
         if unknown:
             raise EvonasError(f"config.json: unknown setting {unknown[0]!r}; was it written by "
                               "another evonas version?")
+        # Run folders written before random immigrants existed searched without them.
+        data.setdefault("random_fraction", 0.0)
         stages = dict(data.pop("stages", {}))
         if "numeric_scales" in stages:
             stages["numeric_scales"] = tuple(stages["numeric_scales"])

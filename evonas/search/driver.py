@@ -98,14 +98,16 @@ def new_controller(config: SearchConfig, space: SearchSpace):
     evo = EvolutionConfig(population_size=config.population_size,
                           tournament_size=config.tournament_size,
                           num_objectives=len(config.archs),
-                          initial="zoo" if config.seed_zoo else "random")
+                          initial="zoo" if config.seed_zoo else "random",
+                          random_fraction=config.random_fraction)
     return RegularizedEvolution(ops, evo, seed=config.seed, seeds=seeds)
 
 
 def search_budget(config: SearchConfig, text: str):
-    """The search's share of --budget: all of it, or 80% when full training follows."""
+    """The search's share of --budget: all of it, or config.search_share (80%) when full
+    training follows."""
     budget = parse_budget(text)
-    return budget.split()[0] if config.full_train_top else budget
+    return budget.split(config.search_share)[0] if config.full_train_top else budget
 
 
 def make_backend(config: SearchConfig):
@@ -308,7 +310,7 @@ class Search:
         ev.stage_seconds = {**self.pre_seconds.pop(cand.candidate_id, {}), **ev.stage_seconds}
         fitness = ev.objectives(list(self.config.archs))
         status = ev.status if ev.status != REJECTED else f"rejected:{ev.reject_stage}"
-        self.controller.tell(cand.candidate_id, fitness, status)
+        self.controller.tell(cand.candidate_id, fitness, status, behaviour=cand.fingerprint)
         for stage, seconds in ev.stage_seconds.items():
             on_driver = stage in DRIVER_STAGES
             self.ledger.charge(stage, seconds, 1.0 if on_driver else ev.share,

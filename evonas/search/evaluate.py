@@ -33,11 +33,16 @@ from evonas.search.rejection import stability_check
 from evonas.space import load_space
 
 
-def candidate_seed(search_seed: int, candidate_id: str) -> int:
-    """Training seed of a candidate: fixed by the search seed and the candidate's id, so a
-    re-run of the same search trains every candidate identically."""
-    digits = int("".join(ch for ch in candidate_id if ch.isdigit()) or 0)
-    return int(np.random.SeedSequence([search_seed, digits]).generate_state(1)[0])
+def proxy_seed(search_seed: int) -> int:
+    """The training seed of every candidate of a search: common random numbers.
+
+    All candidates start from the same network weights and see the same minibatches and
+    augmentations, so two layers' fitnesses differ by what the layers do, not by the luck
+    of their draws. With a seed per candidate, equivalent-at-init layers (x, x*v1, x+v0)
+    spread over 0.20-0.24 on the CIFAR-10 ablation's proxies, as wide as the gaps the
+    search must see; selection then rewards luck, and the best-so-far of any search is
+    the largest of its noise draws."""
+    return int(np.random.SeedSequence([search_seed, 0x5EED]).generate_state(1)[0])
 
 
 def _device(config: SearchConfig) -> str:
@@ -63,7 +68,7 @@ def evaluate_candidate(payload: dict) -> dict:
     groups = load_space(config.space).groups
     factory = layer_factory(genome, groups=groups)
     data = load_dataset(config.dataset, config.data_dir, seed=config.seed)
-    seed = candidate_seed(config.seed, candidate.candidate_id)
+    seed = proxy_seed(config.seed)
 
     if not _stability(ev, factory, data, config, seed, device):
         return ev.to_dict()
