@@ -287,19 +287,26 @@ def test_stage_trains_tunes_ranks_and_logs_to_mlflow(run_copy):
     assert {"fulltrain/leaderboard.csv", "fulltrain/leaderboard.json"} <= files
 
 
-def test_no_trial_starts_once_the_shared_ledger_is_spent(run_copy):
+def test_a_spent_ledger_stops_the_running_trial_at_its_report_and_starts_no_other(run_copy):
     from evonas.budget import Budget, Ledger
     from evonas.fulltrain.stage import run_full_training
 
     search_state = json.loads((run_copy / "state.json").read_text())
     ledger = Ledger.from_state(search_state["ledger"])
-    # What the search left of the whole budget: half a CPU-second, less than one report.
-    ledger.budget = Budget("device", ledger.device_seconds("cpu") + 0.5, "cpu")
-    config = FullTrainConfig(**{**TINY, "baselines": (), "workers": 1}, batch_sizes=(16,),
-                             seeds=(0,), trials_per_layer=3)
+    # What the search left of the whole budget: a millisecond, less than any report costs.
+    ledger.budget = Budget("device", ledger.device_seconds("cpu") + 1e-3, "cpu")
+    config = FullTrainConfig(**{**TINY, "baselines": (), "workers": 1, "steps": 40,
+                                "reports": 4}, batch_sizes=(16,), seeds=(0,),
+                             trials_per_layer=3)
     summary = run_full_training(str(run_copy), config, ledger, progress=lambda line: None)
     assert summary["trials"]["planned"] == 3 and summary["trials"]["started"] == 1
-    assert ledger.exhausted() and ledger.summary()["stages"]["fulltrain"]["device_seconds"]["cpu"] > 0
+    (trial,) = json.loads((run_copy / "fulltrain" / "trials.json").read_text())
+    # The one trial that started stopped at its first report (step 10 of 40), not at 40.
+    assert trial["status"] == "stopped" and trial["steps_done"] == 10
+    assert trial["reason"] == "the budget was spent: stopped after step 10"
+    assert summary["trials"]["stopped_by_budget"] == 1
+    charged = ledger.summary()["stages"]["fulltrain"]["device_seconds"]["cpu"]
+    assert ledger.exhausted() and 0 < charged <= trial["seconds"] + 1e-6
 
 
 # Fault injection, run in Ray workers: this module is pickled by value for them.
@@ -410,3 +417,66 @@ def test_killed_driver_resumes_the_stage_without_redoing_finished_trials(run_cop
     summary = json.loads((run_copy / "fulltrain" / "summary.json").read_text())
     assert summary["trials"]["started"] == summary["trials"]["planned"] == 6
     assert sorted(summary["trials_per_layer"].values()) == [3, 3]
+
+
+# --- evonas search --full-train-top ---------------------------------------------------
+
+
+def test_search_then_full_training_in_one_command_on_one_budget(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    settings = tmp_path / "fulltrain.json"
+    settings.write_text(json.dumps({**{k: v for k, v in TINY.items() if k not in ("top", "dataset")},
+                                    "baselines": ["bn_relu"], "archs": ["resnet20"],
+                                    "batch_sizes": [16], "seeds": [0], "trials_per_layer": 1}))
+    flags = [f for f in SEARCH]
+    flags[flags.index("--budget") + 1] = "0.1cpu-h"  # 360 CPU-seconds for both stages
+    out = tmp_path / "s"
+    done = subprocess.run([sys.executable, "-m", "evonas", "search", *flags, "--out", str(out),
+                           "--full-train-top", "1", "--full-train-config", str(settings),
+                           "--search-share", "0.05"],
+                          capture_output=True, text=True, timeout=600, env=_env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = json.loads((out / "state.json").read_text())
+    best = max((c for c, e in state["evaluations"].items() if e["status"] == "survivor"),
+               key=lambda c: sum(state["evaluations"][c]["fitness"].values()))
+    trials = json.loads((out / "fulltrain" / "trials.json").read_text())
+    assert sorted(t["layer"] for t in trials) == sorted([best, "bn_relu"])
+    assert all(t["status"] == "completed" and t["arch"] == "resnet20" and t["batch_size"] == 16
+               for t in trials)
+    # The leaderboard is printed; one ledger holds both stages, within the one budget
+    # but for the last report of a trial.
+    assert best in done.stdout and "bn_relu" in done.stdout
+    summary = json.loads((out / "fulltrain" / "summary.json").read_text())
+    stages = summary["budget"]["stages"]
+    assert "fulltrain" in stages and "quality" in stages
+    search_spent = sum(v["device_seconds"]["cpu"] for k, v in stages.items()
+                       if not k.startswith("fulltrain"))
+    # The search stopped at its share, 5% of 360 s, but for its last evaluation.
+    assert 0.05 * 360 <= search_spent < 0.05 * 360 + 10
+    # The full-training runs hang under the search's parent run in its MLflow store.
+    client = MlflowClient(f"sqlite:///{out.resolve()}/mlflow.db")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              filter_string="tags.`evonas.kind` = 'full_train'")
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {state["parent_run_id"]}
+    assert len(runs) == 2
+    # A resume keeps the file's settings: they are part of the run's config.
+    config = json.loads((out / "config.json").read_text())
+    assert config["full_train"]["archs"] == ["resnet20"]
+
+
+def test_full_train_config_is_checked_before_the_search_starts(tmp_path):
+    bad = tmp_path / "ft.json"
+    for content, message in (('{"archs": ["resnet99"]}', "unknown architecture 'resnet99'"),
+                             ('{"top": 3}', "sets 'top', which the search decides"),
+                             ('{"epohcs": 3}', "unknown full-training setting 'epohcs'"),
+                             ("[1, 2]", "expected a JSON object"),
+                             ("{oops", "malformed JSON")):
+        bad.write_text(content)
+        out = tmp_path / "s"
+        done = subprocess.run([sys.executable, "-m", "evonas", "search", *SEARCH, "--out",
+                               str(out), "--full-train-top", "1", "--budget", "1cpu-h",
+                               "--full-train-config", str(bad)],
+                              capture_output=True, text=True, timeout=120, env=_env())
+        assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+        assert message in done.stderr and not out.exists()

@@ -129,6 +129,9 @@ def run_train(args) -> int:
     print(f"trials: {trials['started']} of {trials['planned']} planned; "
           + ", ".join(f"{k} {trials[k]}" for k in STATUSES))
     budget = summary["budget"]
+    if trials["stopped_by_budget"]:
+        print(f"{trials['stopped_by_budget']} trials stopped before their end: the budget was "
+              f"spent while they ran", file=sys.stderr)
     if trials["started"] < trials["planned"] and budget["gated"] and budget["remaining"] <= 0:
         print(f"{trials['planned'] - trials['started']} trials never started: the budget is "
               f"spent (--budget sets a larger one; re-run to go on)", file=sys.stderr)

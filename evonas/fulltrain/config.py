@@ -236,7 +236,32 @@ def for_search(search_config: Any, budget: str | None = None, **overrides: Any) 
                     cpus_per_trial=c.cpus_per_eval, gpus_per_trial=c.gpus_per_eval,
                     workers=c.workers or None, ray_address=c.ray_address,
                     tracking_uri=c.tracking_uri, budget=budget or c.budget)
-    return FullTrainConfig(**{**settings, **overrides})
+    chosen = dict(c.full_train or {})
+    fixed = sorted(set(chosen) & _FROM_THE_SEARCH)
+    if fixed:
+        raise EvonasError(f"--full-train-config sets {fixed[0]!r}, which the search decides "
+                          f"(--full-train-top, --budget, --dataset, --data-dir); drop it "
+                          f"from the file")
+    return FullTrainConfig.from_dict({**settings, **chosen, **overrides})
+
+
+# What `evonas search --full-train-top` takes from the search itself, never from the file.
+_FROM_THE_SEARCH = frozenset({"top", "budget", "dataset", "data_dir"})
+
+
+def load_overrides(path: str) -> dict[str, Any]:
+    """--full-train-config FILE: a JSON object of FullTrainConfig settings, checked now
+    (unknown names and bad values fail before the search starts)."""
+    from evonas.runfolder import read_json
+
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise EvonasError(f"{path}: expected a JSON object of full-training settings, e.g. "
+                          f'{{"archs": ["resnet20"], "epochs": 10}}')
+    for key in ("baselines", "archs", "batch_sizes", "seeds", "lr_range", "wd_range"):
+        if key in data and not isinstance(data[key], list):
+            raise EvonasError(f"{path}: {key!r} must be a list, e.g. \"{key}\": [...]")
+    return data
 
 
 def check_gpu_share(share: Any) -> None:

@@ -19,16 +19,18 @@ train RUN` and `evonas search --full-train-top N` both call it):
    below, and MLflow (tracking.py).
 
 Budget rule: one budget covers search and full training, in device-hours or wall time,
-in one ledger (budget.py). The search may spend at most DEFAULT_SEARCH_FRACTION (80%) of
-it (Budget.split: `--full-train-top` runs the search on that share); full training may
+in one ledger (budget.py). The search may spend at most `--search-share` (80%) of it
+(Budget.split: `--full-train-top` runs the search on that share); full training may
 spend whatever the whole budget has left when it starts, so at least the other 20%. The
 stage's ledger is the search's (copied from its state.json, with every search charge,
 then kept in fulltrain/state.json across resumes), its budget the whole one
 (config.budget); or a live ledger the caller passes. Each report of a trial charges its
 seconds times the device share the trial holds (0.25 of a GPU, or its CPUs) to the
 "fulltrain" stage, the baselines' proxy runs to "fulltrain_proxy"; once the budget is
-spent no new trial starts, and the trials running finish. Without a budget nothing is
-gated, and the ledger still records what full training cost.
+spent no new trial starts, and each running trial stops at its report that spends it
+(BudgetStopper: the stage overruns by at most one report per running trial; such a trial
+is recorded "stopped" with that reason). Without a budget nothing is gated, and the
+ledger still records what full training cost.
 
 <run>/fulltrain/ holds: config.json (this stage's settings), state.json (ledger, retry
 counts, errors, baseline proxy scores, rewritten atomically after every trial event),
@@ -55,8 +57,9 @@ from evonas.fulltrain.cluster import ray_connection, remote_address
 from evonas.fulltrain.config import LR_REFERENCE_BATCH, FullTrainConfig, stage_budget
 from evonas.fulltrain.leaderboard import leaderboard, proxy_correlation, table_rows, to_csv
 from evonas.fulltrain.trainable import train_layer, train_size
-from evonas.fulltrain.tuning import (LIVE, METRIC, MODE, Group, GroupedASHA, GroupedSearch,
-                                     StageCallback, StageHooks, make_optuna_factory)
+from evonas.fulltrain.tuning import (LIVE, METRIC, MODE, BudgetStopper, Group, GroupedASHA,
+                                     GroupedSearch, StageCallback, StageHooks,
+                                     make_optuna_factory)
 from evonas.runfolder import RunFolder, atomic_write_json, atomic_write_text
 from evonas.search.results import Run, load_run
 
@@ -220,9 +223,22 @@ class Stage(StageHooks):
     def can_start(self) -> bool:
         return not self.gated or self.ledger.can_start()
 
+    def should_stop(self, trial_id: str, result: dict) -> bool:
+        """Whether this report, not yet charged, spends the budget: the trial stops there."""
+        if not self.gated or result.get("done") or result.get("completed"):
+            return False
+        budget = self.ledger.budget
+        cost = (_report_seconds(result) * self.config.device_share
+                if budget.kind == "device" and budget.device == self.config.device_kind else 0.0)
+        if self.ledger.remaining > cost:
+            return False
+        stopped = self.state.setdefault("budget_stopped", [])
+        if trial_id not in stopped:
+            stopped.append(trial_id)
+        return True
+
     def on_result(self, trial_id: str, result: dict) -> None:
-        seconds = float(result.get("time_this_iter_s") or 0.0)
-        self.ledger.charge(TRIAL_STAGE, seconds, self.config.device_share,
+        self.ledger.charge(TRIAL_STAGE, _report_seconds(result), self.config.device_share,
                            device=self.config.device_kind)
         self.save()
 
@@ -283,11 +299,15 @@ class Stage(StageHooks):
     def _proxy_score(self, outcome: dict) -> dict:
         from evonas.records import SURVIVOR, Evaluation
 
-        self.ledger.charge(PROXY_STAGE, outcome["seconds"], self.config.device_share,
-                           device=self.config.device_kind)
         if not outcome["ok"]:
+            self.ledger.charge(PROXY_STAGE, outcome["seconds"], self.config.device_share,
+                               device=self.config.device_kind)
             return {"fitness": None, "status": "failed", "reason": outcome["error"]}
         ev = Evaluation.from_dict(outcome["value"])
+        # The seconds of its stages, as the search charges its own evaluations: a fresh
+        # worker's imports and dataset load are not the layer's cost.
+        self.ledger.charge(PROXY_STAGE, sum(ev.stage_seconds.values()),
+                           self.config.device_share, device=self.config.device_kind)
         if ev.status != SURVIVOR or not ev.fitness:
             return {"fitness": None, "status": ev.status,
                     "reason": f"{ev.reject_stage}: {ev.reject_reason}"}
@@ -350,6 +370,7 @@ class Stage(StageHooks):
                 trial_name_creator=trial_name, trial_dirname_creator=trial_name),
             run_config=tune.RunConfig(
                 name=name, storage_path=storage, verbose=0, callbacks=[StageCallback(self.name)],
+                stop=BudgetStopper(self.name),
                 failure_config=tune.FailureConfig(max_failures=cfg.max_retries),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
 
@@ -361,6 +382,11 @@ class Stage(StageHooks):
         return sorted((r for r in out if r is not None),
                       key=lambda r: (r["layer"], r["arch"], r["batch_size"], r["seed"],
                                      r["trial_id"]))
+
+
+def _report_seconds(result: dict) -> float:
+    """Seconds of training since the trial's previous report."""
+    return float(result.get("time_this_iter_s") or 0.0)
 
 
 def _outcome(ray, ref) -> dict:
@@ -400,6 +426,9 @@ def trial_record(result, layers: dict[str, Layer], state: dict) -> dict | None:
         status, why = "diverged", "non-finite training loss or network output"
     elif metrics.get("completed"):
         status, why = "completed", None
+    elif trial_id in state.get("budget_stopped", ()):
+        status, why = "stopped", (f"the budget was spent: stopped after step "
+                                  f"{metrics.get('step', 0)}")
     else:
         status, why = "stopped", "stopped early by ASHA (below its rung's cut)"
     layer = layers[cfg["layer"]]
@@ -572,7 +601,8 @@ def _summarize(stage: Stage, records: list[dict]) -> dict:
         "layers": [{"layer": layer.name, "candidate_id": layer.candidate_id,
                     "proxy_fitness": fitness[layer.name]} for layer in stage.layers],
         "trials": {"planned": stage.planned, "started": len(records),
-                   **{s: counts.get(s, 0) for s in STATUSES}},
+                   **{s: counts.get(s, 0) for s in STATUSES},
+                   "stopped_by_budget": len(stage.state.get("budget_stopped", ()))},
         "trials_per_layer": dict(Counter(r["layer"] for r in records)),
         "leaderboard": rows,
         "kendall_tau": proxy_correlation(rows, fitness),

@@ -29,6 +29,7 @@ from typing import Any, Callable
 from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import Searcher
+from ray.tune.stopper import Stopper
 
 METRIC, MODE = "val_accuracy", "max"
 # The standard CIFAR recipe: every group's first trial, so each layer is also seen with
@@ -59,6 +60,9 @@ class StageHooks:
 
     def can_start(self) -> bool:
         return True
+
+    def should_stop(self, trial_id: str, result: dict) -> bool:
+        return False
 
     def on_result(self, trial_id: str, result: dict) -> None:
         pass
@@ -227,6 +231,24 @@ class GroupedASHA(FIFOScheduler):
         return f"ASHA with separate rungs for each of {len(self.by_group)} groups"
 
 
+class BudgetStopper(Stopper):
+    """Stops a running trial at the report that spends the stage's budget.
+
+    Tune asks the stopper about each result before the callbacks see it (StageCallback
+    charges the ledger), so the stage decides with the report's own cost in hand: a stage
+    overruns its budget by at most one report per running trial, never by whole trainings.
+    """
+
+    def __init__(self, experiment: str):
+        self.experiment = experiment
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        return _hooks(self.experiment).should_stop(trial_id, result)
+
+    def stop_all(self) -> bool:
+        return False  # the searcher starts no new trial once the budget is spent
+
+
 # --- the stage's view of the trials ---------------------------------------------------
 
 
@@ -263,5 +285,5 @@ def _error_text(trial) -> str:
     return lines[-1] if lines else "trial failed"
 
 
-__all__ = ["Group", "GroupedSearch", "GroupedASHA", "StageCallback", "StageHooks", "LIVE",
-           "make_optuna_factory", "METRIC", "MODE", "STANDARD_POINT"]
+__all__ = ["Group", "GroupedSearch", "GroupedASHA", "BudgetStopper", "StageCallback",
+           "StageHooks", "LIVE", "make_optuna_factory", "METRIC", "MODE", "STANDARD_POINT"]
