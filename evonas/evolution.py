@@ -24,11 +24,11 @@ Two controllers, compared at equal budget in the paper's central ablation:
   Grefenstette 1992). Why: with the paper's rejection protocols a window fills with the
   few layers the initial phase let through, mostly trivial ones (linear, x*v1), whose
   mutants are trivial or broken; good layers are rare finds of random sampling (about
-  one in 300 random proposals on the CIFAR-10 ablation), and the immigrants keep finding
-  them while the tournament exploits each one found. The initial phase counts proposals, not survivors: with
-  the paper's rejection protocols most random layers are rejected (97% of them on the
-  CIFAR-10 proxies here), and waiting for population_size survivors would spend the
-  whole budget on random search. The population grows from the survivors to
+  one in 340 random proposals on the CIFAR-10 ablation), and the immigrants keep finding
+  them while the tournament exploits each one found. The initial phase counts
+  proposals, not survivors: with the paper's rejection protocols most random layers are
+  rejected (95% of them on the CIFAR-10 proxies here), and waiting for population_size
+  survivors would spend the whole budget on random search. The population grows from the survivors to
   population_size and then ages. An ask that finds it empty proposes a random genome.
 - RandomSearch: zoo seeds if given, then random genomes only.
 
