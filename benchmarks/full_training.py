@@ -59,12 +59,14 @@ def phase_compare(args) -> None:
     run = _fresh_copy(Path(args.run), out / "compare-run")
     seconds = _train(run, args, [
         "--top", str(args.top), "--archs", "resnet20", "--batch-sizes", args.batch_sizes,
-        "--seeds", str(args.seeds), "--trials-per-layer", str(args.trials), "--epochs",
-        str(args.epochs), "--width", str(args.width), "--workers", "2"])
+        "--seeds", str(args.seeds), "--trials-per-layer", str(args.trials),
+        *(["--steps", str(args.steps)] if args.steps else ["--epochs", str(args.epochs)]),
+        "--width", str(args.width), "--workers", "2"])
     summary = json.loads((run / "fulltrain" / "summary.json").read_text())
     summary["wall_seconds"] = seconds
     summary["settings"] = {"run": str(args.run), "top": args.top, "seeds": args.seeds,
                            "trials_per_layer": args.trials, "epochs": args.epochs,
+                           "steps": args.steps,
                            "width": args.width, "arch": "resnet20",
                            "batch_sizes": args.batch_sizes}
     (out / "compare.json").write_text(json.dumps(summary, indent=1))
@@ -106,6 +108,9 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--trials", type=int, default=1, help="Optuna trials per layer and group")
     p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--steps", type=int,
+                   help="training length in SGD steps instead of --epochs (the same count at "
+                        "every batch size)")
     p.add_argument("--batch-sizes", default="128,8",
                    help="an epoch at batch 8 takes about 3x the time of one at batch 128")
     p.add_argument("--width", type=int, default=8)
