@@ -65,8 +65,8 @@ def phase_compare(args) -> None:
     summary = json.loads((run / "fulltrain" / "summary.json").read_text())
     summary["wall_seconds"] = seconds
     summary["settings"] = {"run": str(args.run), "top": args.top, "seeds": args.seeds,
-                           "trials_per_layer": args.trials, "epochs": args.epochs,
-                           "steps": args.steps,
+                           "trials_per_layer": args.trials,
+                           "epochs": None if args.steps else args.epochs, "steps": args.steps,
                            "width": args.width, "arch": "resnet20",
                            "batch_sizes": args.batch_sizes}
     (out / "compare.json").write_text(json.dumps(summary, indent=1))
@@ -112,7 +112,7 @@ def main() -> None:
                    help="training length in SGD steps instead of --epochs (the same count at "
                         "every batch size)")
     p.add_argument("--batch-sizes", default="128,8",
-                   help="an epoch at batch 8 takes about 3x the time of one at batch 128")
+                   help="an epoch at batch 8 took 1.25x the time of one at batch 128 here")
     p.add_argument("--width", type=int, default=8)
     p.add_argument("--scaling-steps", type=int, default=60)
     p.add_argument("--rounds", type=int, default=2)

@@ -11,12 +11,13 @@ import copy
 import importlib
 import inspect
 import re
-from importlib.metadata import requires
+from importlib.metadata import metadata, requires
 from pathlib import Path
 
 import pytest
 import yaml
 from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 
 WORKERS = Path(__file__).resolve().parent.parent / "workers"
 
@@ -85,16 +86,15 @@ def test_image_and_manifest_name_one_ray_that_the_package_accepts(manifest, dock
     assert _ray_cluster(manifest)["spec"]["rayVersion"] == ray_version
     (ray_req,) = [Requirement(r) for r in requires("evonas") if Requirement(r).name == "ray"]
     assert ray_req.specifier.contains(ray_version), (ray_version, str(ray_req))
-    pyproject = (WORKERS.parent / "pyproject.toml").read_text()
-    low = re.search(r'requires-python\s*=\s*">=(\d+\.\d+)"', pyproject).group(1)
-    assert tuple(map(int, python.split("."))) >= tuple(map(int, low.split(".")))
+    assert SpecifierSet(metadata("evonas")["Requires-Python"]).contains(python), python
 
 
 def _python_snippets(launcher: dict, manifest: list[dict]) -> list[str]:
     commands = [c for c in launcher["setup_commands"] if c.startswith("python -c")]
     commands = [re.match(r'python -c "(.*)"$', c).group(1) for c in commands]
-    pods = [_ray_cluster(manifest)["spec"]["headGroupSpec"]["template"]["spec"]]
-    pods += [g["template"]["spec"] for g in _ray_cluster(manifest)["spec"]["workerGroupSpecs"]]
+    spec = _ray_cluster(manifest)["spec"]
+    pods = [spec["headGroupSpec"]["template"]["spec"]]
+    pods += [g["template"]["spec"] for g in spec["workerGroupSpecs"]]
     for pod in pods:
         for container in pod.get("initContainers", []):
             if container["command"][:2] == ["python", "-c"]:
