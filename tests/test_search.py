@@ -197,3 +197,35 @@ def test_every_candidate_of_a_search_trains_under_the_same_random_numbers():
     first = score("c000001", seed=0)
     assert score("c000977", seed=0) == first
     assert score("c000001", seed=1) != first
+
+
+@pytest.mark.parametrize("dataset, flags, expected", [
+    # The synthetic set is for smoke runs: a proxy of seconds unless a flag says otherwise.
+    ("synthetic", [], dict(proxy_steps=60, proxy_batch_size=64, proxy_width=8,
+                           quality_steps=30, stability_steps=5)),
+    ("synthetic", ["--proxy-steps", "90", "--quality-steps", "45"],
+     dict(proxy_steps=90, proxy_batch_size=64, quality_steps=45, stability_steps=5)),
+    # CIFAR-10 keeps the paper-sized defaults: quality after 100 steps, stability 20 steps.
+    ("cifar10", [], dict(proxy_steps=300, proxy_batch_size=128, proxy_width=16,
+                         quality_steps=100, stability_steps=20)),
+    ("cifar10", ["--proxy-width", "8", "--stability-steps", "3"],
+     dict(proxy_steps=300, proxy_width=8, quality_steps=100, stability_steps=3)),
+])
+def test_proxy_sizes_default_per_dataset_and_flags_override_them(dataset, flags, expected):
+    from evonas.cli import build_parser
+    from evonas.cli.search import _config
+
+    args = build_parser().parse_args(["search", "--budget", "5m", "--out", "unused",
+                                      "--dataset", dataset, *flags])
+    config = _config(args).to_dict()
+    sizes = {**config, **config["stages"]}
+    assert {name: sizes[name] for name in expected} == expected
+
+
+def test_a_synthetic_search_with_default_sizes_keeps_them_in_its_run_folder(tmp_path):
+    run = tmp_path / "smoke"
+    evonas("search", "--space", "act", "--budget", "1evals", "--dataset", "synthetic",
+           "--archs", "resnet", "--workers", "0", "--out", run)
+    config = json.loads((run / "config.json").read_text())
+    assert (config["proxy_steps"], config["stages"]["quality_steps"]) == (60, 30)
+    assert len(state(run)["evaluations"]) == 1

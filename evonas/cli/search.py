@@ -38,13 +38,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    "(0: every proposal mutates a tournament winner, as in the paper)")
     p.add_argument("--archs", type=_archs, default=("resnet", "mobilenetv2", "efficientnet"),
                    help="proxy architectures, comma-separated (one objective each)")
-    p.add_argument("--proxy-steps", type=int, default=300)
-    p.add_argument("--proxy-batch", type=int, default=128)
-    p.add_argument("--proxy-width", type=int, default=16)
+    # Sizes default per dataset (config.dataset_defaults): smaller on the synthetic set.
+    p.add_argument("--proxy-steps", type=int, help="default 300; 60 on synthetic")
+    p.add_argument("--proxy-batch", type=int, help="default 128; 64 on synthetic")
+    p.add_argument("--proxy-width", type=int, help="default 16; 8 on synthetic")
     p.add_argument("--proxy-lr", type=float, default=0.1)
-    p.add_argument("--quality-steps", type=int, default=100)
+    p.add_argument("--quality-steps", type=int, help="default 100; 30 on synthetic")
     p.add_argument("--quality-threshold", type=float, default=0.2)
-    p.add_argument("--stability-steps", type=int, default=20)
+    p.add_argument("--stability-steps", type=int, help="default 20; 5 on synthetic")
     p.add_argument("--stability-threshold", type=float, default=1e8)
     p.add_argument("--workers", type=int, default=1,
                    help="evaluations at once (0: in this process, without Ray)")
@@ -75,20 +76,24 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _config(args):
-    from evonas.search.config import SearchConfig, StageConfig
+    from evonas.search.config import STAGE_SIZES, SearchConfig, StageConfig, dataset_defaults
 
     if args.budget is None or args.out is None:
         raise EvonasError("a new search needs --budget and --out (or --resume RUN)")
-    stages = StageConfig(quality_steps=args.quality_steps, quality_threshold=args.quality_threshold,
-                         stability_steps=args.stability_steps,
-                         stability_threshold=args.stability_threshold)
+    flags = {"proxy_steps": args.proxy_steps, "proxy_batch_size": args.proxy_batch,
+             "proxy_width": args.proxy_width, "quality_steps": args.quality_steps,
+             "stability_steps": args.stability_steps}
+    sizes = {**dataset_defaults(args.dataset),
+             **{name: value for name, value in flags.items() if value is not None}}
+    stage_sizes = {name: sizes.pop(name) for name in STAGE_SIZES if name in sizes}
+    stages = StageConfig(quality_threshold=args.quality_threshold,
+                         stability_threshold=args.stability_threshold, **stage_sizes)
     return SearchConfig(
         space=args.space, budget=args.budget, dataset=args.dataset,
         data_dir=os.path.abspath(args.data_dir) if args.data_dir else None, seed=args.seed,
         controller=args.controller, seed_zoo=args.seed_zoo, population_size=args.population,
         tournament_size=args.tournament, random_fraction=args.random_fraction,
-        archs=args.archs, proxy_steps=args.proxy_steps,
-        proxy_batch_size=args.proxy_batch, proxy_lr=args.proxy_lr, proxy_width=args.proxy_width,
+        archs=args.archs, proxy_lr=args.proxy_lr, **sizes,
         workers=args.workers, cpus_per_eval=args.cpus_per_eval, gpus_per_eval=args.gpus_per_eval,
         eval_time_limit_s=args.eval_time_limit, ray_address=args.ray_address,
         tracking_uri=args.tracking_uri, report_every_s=args.report_every,
