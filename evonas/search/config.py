@@ -19,9 +19,9 @@ CONTROLLERS = ("evolution", "random")
 # Proxy sizes of a search on the synthetic set, where no flag sets them; CIFAR-10 gets the
 # StageConfig and SearchConfig defaults. The synthetic set is for smoke runs: 2,048 images
 # that BN-ReLU proxies learn to 0.6-0.7 in 60 steps at batch 64, where CIFAR-10's proxies
-# need hundreds of steps to rank layers. At this size a survivor costs 5-10 s of one CPU
-# core against minutes at CIFAR-10's sizes, so a five-minute search on a laptop evaluates
-# over a hundred candidates and keeps survivors.
+# need hundreds of steps to rank layers. At this size a survivor of the three proxy
+# architectures costs about 20 s of a CPU core, against 3-4 minutes at CIFAR-10's sizes:
+# the README's five-minute first run on two cores evaluates over a hundred candidates.
 SMOKE_PROXY = {"proxy_steps": 60, "proxy_batch_size": 64, "proxy_width": 8,
                "quality_steps": 30, "stability_steps": 5}
 STAGE_SIZES = ("quality_steps", "stability_steps")  # the SMOKE_PROXY keys of StageConfig
