@@ -17,6 +17,13 @@ def _archs(text: str) -> tuple[str, ...]:
     return tuple(a.strip() for a in text.split(",") if a.strip())
 
 
+def _size_help(name: str) -> str:
+    # Read off the config (a light import), so the help cannot drift from the defaults.
+    from evonas.search.config import size_default
+
+    return f"default {size_default(name)}; {size_default(name, 'synthetic')} on synthetic"
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("search", help="evolve layers (resumable run folder, MLflow record)",
                        description="Evolve normalization-activation layers. A new search needs "
@@ -38,14 +45,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    "(0: every proposal mutates a tournament winner, as in the paper)")
     p.add_argument("--archs", type=_archs, default=("resnet", "mobilenetv2", "efficientnet"),
                    help="proxy architectures, comma-separated (one objective each)")
-    # Sizes default per dataset (config.dataset_defaults): smaller on the synthetic set.
-    p.add_argument("--proxy-steps", type=int, help="default 300; 60 on synthetic")
-    p.add_argument("--proxy-batch", type=int, help="default 128; 64 on synthetic")
-    p.add_argument("--proxy-width", type=int, help="default 16; 8 on synthetic")
+    # Sizes default per dataset (config.proxy_sizes): smaller on the synthetic set.
+    p.add_argument("--proxy-steps", type=int, help=_size_help("proxy_steps"))
+    p.add_argument("--proxy-batch", type=int, help=_size_help("proxy_batch_size"))
+    p.add_argument("--proxy-width", type=int, help=_size_help("proxy_width"))
     p.add_argument("--proxy-lr", type=float, default=0.1)
-    p.add_argument("--quality-steps", type=int, help="default 100; 30 on synthetic")
+    p.add_argument("--quality-steps", type=int, help=_size_help("quality_steps"))
     p.add_argument("--quality-threshold", type=float, default=0.2)
-    p.add_argument("--stability-steps", type=int, help="default 20; 5 on synthetic")
+    p.add_argument("--stability-steps", type=int, help=_size_help("stability_steps"))
     p.add_argument("--stability-threshold", type=float, default=1e8)
     p.add_argument("--workers", type=int, default=1,
                    help="evaluations at once (0: in this process, without Ray)")
@@ -76,16 +83,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _config(args):
-    from evonas.search.config import STAGE_SIZES, SearchConfig, StageConfig, dataset_defaults
+    from evonas.search.config import SearchConfig, StageConfig, proxy_sizes
 
     if args.budget is None or args.out is None:
         raise EvonasError("a new search needs --budget and --out (or --resume RUN)")
-    flags = {"proxy_steps": args.proxy_steps, "proxy_batch_size": args.proxy_batch,
-             "proxy_width": args.proxy_width, "quality_steps": args.quality_steps,
-             "stability_steps": args.stability_steps}
-    sizes = {**dataset_defaults(args.dataset),
-             **{name: value for name, value in flags.items() if value is not None}}
-    stage_sizes = {name: sizes.pop(name) for name in STAGE_SIZES if name in sizes}
+    sizes, stage_sizes = proxy_sizes(args.dataset, {
+        "proxy_steps": args.proxy_steps, "proxy_batch_size": args.proxy_batch,
+        "proxy_width": args.proxy_width, "quality_steps": args.quality_steps,
+        "stability_steps": args.stability_steps})
     stages = StageConfig(quality_threshold=args.quality_threshold,
                          stability_threshold=args.stability_threshold, **stage_sizes)
     return SearchConfig(

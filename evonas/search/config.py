@@ -27,10 +27,22 @@ SMOKE_PROXY = {"proxy_steps": 60, "proxy_batch_size": 64, "proxy_width": 8,
 STAGE_SIZES = ("quality_steps", "stability_steps")  # the SMOKE_PROXY keys of StageConfig
 
 
-def dataset_defaults(dataset: str) -> dict[str, int]:
-    """Proxy sizes a search on `dataset` gets where no flag sets them, by field name
-    (StageConfig's are named in STAGE_SIZES)."""
-    return dict(SMOKE_PROXY) if dataset == "synthetic" else {}
+def proxy_sizes(dataset: str, given: Mapping[str, int | None]) -> tuple[dict, dict]:
+    """(SearchConfig sizes, StageConfig sizes) of a search on `dataset`: the sizes given
+    (None: not given) over the dataset's defaults; a size in neither keeps its field's
+    default."""
+    defaults = SMOKE_PROXY if dataset == "synthetic" else {}
+    sizes = {**defaults, **{name: v for name, v in given.items() if v is not None}}
+    stage = {name: sizes.pop(name) for name in STAGE_SIZES if name in sizes}
+    return sizes, stage
+
+
+def size_default(name: str, dataset: str = "cifar10") -> int:
+    """The default of a proxy size (a SMOKE_PROXY key) on `dataset`."""
+    if dataset == "synthetic":
+        return SMOKE_PROXY[name]
+    owner = StageConfig if name in STAGE_SIZES else SearchConfig
+    return {f.name: f.default for f in dataclasses.fields(owner)}[name]
 
 
 @dataclasses.dataclass(frozen=True)
