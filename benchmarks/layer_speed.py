@@ -28,9 +28,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from handwritten import NATIVE, HandLayer  # noqa: E402
 
-from evonas import zoo  # noqa: E402
-from evonas.export import export_file  # noqa: E402
-from evonas.interpreter import GenomeLayer  # noqa: E402
+from evonas.layers import zoo  # noqa: E402
+from evonas.layers.export import export_file  # noqa: E402
+from evonas.layers.interpreter import GenomeLayer  # noqa: E402
 from evonas.proxy.data import load_dataset  # noqa: E402
 from evonas.proxy.models import resnet  # noqa: E402
 

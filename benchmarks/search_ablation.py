@@ -170,8 +170,8 @@ def phase_compare(args) -> None:
     """Train the best layer found by evolution beside the baselines at two batch sizes."""
     import torch
 
-    from evonas import symbolic, zoo
-    from evonas.export import export_file
+    from evonas.layers import symbolic, zoo
+    from evonas.layers.export import export_file
     from evonas.proxy.data import load_dataset
     from evonas.proxy.train import ProxyConfig, train_proxy
     from evonas.search.results import load_run
@@ -229,7 +229,7 @@ def phase_compare(args) -> None:
 
 
 def _uses_batch_axes(genome) -> bool:
-    from evonas.ops import op
+    from evonas.layers.ops import op
 
     return any(op(name).axes == "NHW" for name in genome.ops_used)
 

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from evonas.budget import DEFAULT_SEARCH_FRACTION, Budget, Ledger, parse_budget
+from evonas.search.budget import DEFAULT_SEARCH_FRACTION, Budget, Ledger, parse_budget
 from evonas.errors import EvonasError
 
 

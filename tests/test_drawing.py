@@ -6,9 +6,9 @@ import struct
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from PIL import Image
 
-from evonas import zoo
-from evonas.drawing import draw_genome, genome_figure
-from evonas.genome import MAX_NODES, chain
+from evonas.layers import zoo
+from evonas.layers.drawing import draw_genome, genome_figure
+from evonas.layers.genome import MAX_NODES, chain
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from evonas.engine import InlineBackend, Outcome, RayBackend, probe
+from evonas.runtime.backends import InlineBackend, Outcome, RayBackend, probe
 from evonas.errors import EvonasError
 
 pytestmark = pytest.mark.slow
@@ -233,7 +233,7 @@ def test_inline_backend_reports_a_time_limit_overshoot():
 DRIVER = """
 import json, sys, time
 sys.path.insert(0, {tests!r})
-from evonas.engine import RayBackend, probe
+from evonas.runtime.backends import RayBackend, probe
 from test_engine import nap
 backend = RayBackend(address={address!r}, workers=1, env={{"PYTHONPATH": {tests!r}}})
 started = time.perf_counter()
@@ -300,7 +300,7 @@ def stop_head(head: subprocess.Popen) -> None:
 
 def test_an_address_where_nothing_listens_fails_at_once():
     # Ray itself retries such an address for about 14 minutes.
-    code = ("from evonas.engine import RayBackend\n"
+    code = ("from evonas.runtime.backends import RayBackend\n"
             f"RayBackend(address='127.0.0.1:{free_port()}', workers=1).start()")
     started = time.monotonic()
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from evonas.errors import EvonasError
-from evonas.evolution import (
+from evonas.search.evolution import (
     Controller,
     EvolutionConfig,
     GenomeOps,
@@ -20,7 +20,7 @@ from evonas.evolution import (
     load_controller,
     tournament,
 )
-from evonas.pareto import dominates, pareto_front
+from evonas.search.pareto import dominates, pareto_front
 
 TARGET_A = np.array([0.3, -0.6, 0.8])
 TARGET_B = np.array([0.5, -0.2, 0.4])

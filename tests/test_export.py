@@ -16,13 +16,14 @@ import sys
 import pytest
 import torch
 
-from evonas import __version__, symbolic
-from evonas import export as export_module
+from evonas import __version__
+from evonas.layers import symbolic
+from evonas.layers import export as export_module
 from evonas.errors import EvonasError
-from evonas.export import export_file, export_source
-from evonas.genome import Genome, chain
-from evonas.interpreter import GenomeLayer
-from evonas.lowering import lower
+from evonas.layers.export import export_file, export_source
+from evonas.layers.genome import Genome, chain
+from evonas.layers.interpreter import GenomeLayer
+from evonas.layers.lowering import lower
 
 C = 8
 B0 = chain(("std_NHW", ["x"]), ("mul", ["v1", "x"]), ("std_HW", ["x"]), ("add", ["n2", "n3"]),

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from evonas.fingerprint import (
+from evonas.layers.fingerprint import (
     PROBE_SCALES,
     PROBE_SHAPE,
     _rounded,
@@ -16,11 +16,11 @@ from evonas.fingerprint import (
     probe_inputs,
     probe_layer,
 )
-from evonas.genome import Genome, Node, chain
-from evonas.interpreter import GenomeLayer
-from evonas.mutation import random_genome
-from evonas.ops import OPS
-from evonas.space import load_space
+from evonas.layers.genome import Genome, Node, chain
+from evonas.layers.interpreter import GenomeLayer
+from evonas.layers.mutation import random_genome
+from evonas.layers.ops import OPS
+from evonas.layers.space import load_space
 
 B0_STEPS = [("std_NHW", ["x"]), ("mul", ["v1", "x"]), ("std_HW", ["x"]), ("add", ["n2", "n3"]),
             ("max", ["n1", "n4"]), ("div", ["x", "n5"])]

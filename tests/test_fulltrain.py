@@ -108,7 +108,7 @@ def test_trial_with_bf16_and_channels_last_resumes_exactly_from_its_checkpoint()
     """The GPU path's options run on CPU too; a trial restored from its first checkpoint
     ends exactly as the uninterrupted one (data order and augmentation depend on the
     step only)."""
-    from evonas import zoo
+    from evonas.layers import zoo
     from evonas.fulltrain.trainable import TrialSpec, run_trial
 
     settings = FullTrainConfig(**{**TINY, "bf16": True, "channels_last": True})
@@ -288,7 +288,7 @@ def test_stage_trains_tunes_ranks_and_logs_to_mlflow(run_copy):
 
 
 def test_a_spent_ledger_stops_the_running_trial_at_its_report_and_starts_no_other(run_copy):
-    from evonas.budget import Budget, Ledger
+    from evonas.search.budget import Budget, Ledger
     from evonas.fulltrain.stage import run_full_training
 
     search_state = json.loads((run_copy / "state.json").read_text())

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from evonas.errors import GenomeError
-from evonas.genome import FORMAT, MAX_NODES, Genome, Node, chain
+from evonas.layers.genome import FORMAT, MAX_NODES, Genome, Node, chain
 
 B0_STEPS = (("std_NHW", ["x"]), ("mul", ["v1", "x"]), ("std_HW", ["x"]),
             ("add", ["n2", "n3"]), ("max", ["n1", "n4"]), ("div", ["x", "n5"]))

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from evonas.genome import chain
-from evonas.interpreter import GenomeLayer, layer_factory
-from evonas.lowering import lower
+from evonas.layers.genome import chain
+from evonas.layers.interpreter import GenomeLayer, layer_factory
+from evonas.layers.lowering import lower
 
 B0 = chain(("std_NHW", ["x"]), ("mul", ["v1", "x"]), ("std_HW", ["x"]),
            ("add", ["n2", "n3"]), ("max", ["n1", "n4"]), ("div", ["x", "n5"]), name="b0")

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from evonas.errors import GenomeError
-from evonas.genome import Genome, chain
-from evonas.interpreter import GenomeLayer
-from evonas.mutation import (
+from evonas.layers.genome import Genome, chain
+from evonas.layers.interpreter import GenomeLayer
+from evonas.layers.mutation import (
     _EDITS,
     MUTATIONS,
     MutationError,
@@ -21,8 +21,8 @@ from evonas.mutation import (
     node_insert,
     random_genome,
 )
-from evonas.ops import AGGREGATE, INPUTS, OPS
-from evonas.space import load_space, space_from_dict
+from evonas.layers.ops import AGGREGATE, INPUTS, OPS
+from evonas.layers.space import load_space, space_from_dict
 
 SEEDS = 2000
 STEPS = 2  # mutations chained per seed: children of children are parents too
@@ -148,7 +148,7 @@ def test_a_sample_runs_through_the_layer():
 
 
 def test_random_genome_falls_back_to_one_node_when_draws_keep_failing(monkeypatch):
-    import evonas.mutation as m
+    import evonas.layers.mutation as m
 
     monkeypatch.setattr(m, "RANDOM_ATTEMPTS", 0)
     for seed in range(20):

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from evonas import symbolic
-from evonas.export import export_source
-from evonas.genome import chain
-from evonas.interpreter import GenomeLayer
-from evonas.lowering import lower
-from evonas.ops import AGGREGATE, OPS
+from evonas.layers import symbolic
+from evonas.layers.export import export_source
+from evonas.layers.genome import chain
+from evonas.layers.interpreter import GenomeLayer
+from evonas.layers.lowering import lower
+from evonas.layers.ops import AGGREGATE, OPS
 
 C, GROUPS = 4, 2
 _module_ids = itertools.count()

@@ -17,18 +17,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evonas import report, symbolic, zoo
-from evonas.budget import Ledger, parse_budget
+from evonas.search import report
+from evonas.layers import symbolic, zoo
+from evonas.search.budget import Ledger, parse_budget
 from evonas.cli import main
-from evonas.engine import InlineBackend, Outcome
-from evonas.export import export_source
-from evonas.mutation import random_genome
-from evonas.records import DUPLICATE, FAILED, REJECTED, SURVIVOR, Candidate, Evaluation
-from evonas.runfolder import RunFolder
+from evonas.runtime.backends import InlineBackend, Outcome
+from evonas.layers.export import export_source
+from evonas.layers.mutation import random_genome
+from evonas.search.records import DUPLICATE, FAILED, REJECTED, SURVIVOR, Candidate, Evaluation
+from evonas.search.runfolder import RunFolder
 from evonas.search.config import SearchConfig
 from evonas.search.driver import STATE_FORMAT, Search, SearchState
 from evonas.search.results import load_run
-from evonas.space import load_space
+from evonas.layers.space import load_space
 
 ARCHS = ("resnet", "mobilenetv2")
 DRIVER_S = {"static": 0.0, "numeric": 36.0, "duplicate": 0.0}  # charged at share 1 on a CPU
@@ -73,7 +74,7 @@ def make_run(path: Path, *, mlflow: bool = False, controller: str = "evolution",
     state = SearchState()
     tracker = None
     if mlflow:
-        from evonas.tracking import Tracker
+        from evonas.runtime.tracking import Tracker
 
         tracker = Tracker(folder.tracking_uri,
                           artifact_location=str(folder.artifacts_dir / "mlflow"))

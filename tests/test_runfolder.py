@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from evonas import runfolder
+from evonas.search import runfolder
 from evonas.errors import EvonasError
-from evonas.runfolder import RunFolder, atomic_write_json, atomic_write_text, read_json
+from evonas.search.runfolder import RunFolder, atomic_write_json, atomic_write_text, read_json
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 # whose length follows from it, so a torn or mixed file cannot pass for a whole one.
 WRITER = textwrap.dedent("""
     import sys
-    from evonas.runfolder import atomic_write_json
+    from evonas.search.runfolder import atomic_write_json
     i = 0
     while True:
         atomic_write_json(sys.argv[1], {"i": i, "pad": "x" * (50_000 * (i % 5))})
@@ -32,7 +32,7 @@ WRITER = textwrap.dedent("""
 
 HOLDER = textwrap.dedent("""
     import sys, time
-    from evonas.runfolder import RunFolder
+    from evonas.search.runfolder import RunFolder
     folder = RunFolder.open(sys.argv[1])  # kept: the lock lives as long as the object
     print("locked", flush=True)
     time.sleep(120)

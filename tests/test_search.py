@@ -176,8 +176,8 @@ def test_a_wall_time_budget_is_a_deadline(tmp_path):
 def test_every_candidate_of_a_search_trains_under_the_same_random_numbers():
     """Common random numbers: one layer scores the same whenever it is proposed, so
     fitness differences between candidates come from the layers, not from their seeds."""
-    from evonas import zoo
-    from evonas.records import Candidate
+    from evonas.layers import zoo
+    from evonas.search.records import Candidate
     from evonas.search.config import SearchConfig, StageConfig
     from evonas.search.evaluate import evaluate_candidate
 

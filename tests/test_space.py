@@ -5,9 +5,9 @@ import json
 import pytest
 
 from evonas.errors import GenomeError, SpaceError
-from evonas.genome import chain
-from evonas.ops import AGGREGATE_OPS, ELEMENTWISE_OPS, OPS
-from evonas.space import builtin_spaces, load_space
+from evonas.layers.genome import chain
+from evonas.layers.ops import AGGREGATE_OPS, ELEMENTWISE_OPS, OPS
+from evonas.layers.space import builtin_spaces, load_space
 
 
 def test_builtin_spaces_are_shipped_and_state_their_limits():

@@ -10,9 +10,9 @@ import pytest
 import sympy
 import torch
 
-from evonas import symbolic
-from evonas.genome import chain
-from evonas.interpreter import GenomeLayer
+from evonas.layers import symbolic
+from evonas.layers.genome import chain
+from evonas.layers.interpreter import GenomeLayer
 
 B0 = chain(("std_NHW", ["x"]), ("mul", ["v1", "x"]), ("std_HW", ["x"]), ("add", ["n2", "n3"]),
            ("max", ["n1", "n4"]), ("div", ["x", "n5"]))

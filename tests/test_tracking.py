@@ -14,13 +14,13 @@ import pytest
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
-from evonas import zoo
+from evonas.layers import zoo
 from evonas.cli.dashboards import wait_for_health
-from evonas.export import export_source
-from evonas.genome import Genome
-from evonas.records import Candidate, Evaluation
-from evonas.symbolic import formula, latex
-from evonas.tracking import MAX_TAG_VALUE, RUN_NAME_CHARS, Tracker, _key, _run_name
+from evonas.layers.export import export_source
+from evonas.layers.genome import Genome
+from evonas.search.records import Candidate, Evaluation
+from evonas.layers.symbolic import formula, latex
+from evonas.runtime.tracking import MAX_TAG_VALUE, RUN_NAME_CHARS, Tracker, _key, _run_name
 
 ARCHS = ("resnet", "mobilenet")
 

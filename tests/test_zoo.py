@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from evonas import zoo
+from evonas.layers import zoo
 from evonas.errors import EvonasError
-from evonas.genome import Genome
-from evonas.space import load_space
+from evonas.layers.genome import Genome
+from evonas.layers.space import load_space
 
 N, C, H, W = 6, 16, 5, 5
 GROUPS = 4

@@ -53,9 +53,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def run_report(args) -> int:
-    from evonas import report
+    from evonas.search import report
 
-    from evonas.runfolder import RunFolder
+    from evonas.search.runfolder import RunFolder
 
     if args.n < 1:
         raise EvonasError(f"-n {args.n}: show at least one layer")
@@ -73,7 +73,7 @@ def run_report(args) -> int:
 
 
 def run_ui(args) -> int:
-    from evonas.runfolder import RunFolder
+    from evonas.search.runfolder import RunFolder
     from evonas.search.config import SearchConfig
 
     folder = RunFolder.open(args.run_dir, lock=False)

@@ -44,8 +44,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 def resolve_genome(spec: str):
     """The genome SPEC names: a zoo layer, a genome file or RUN:ID."""
-    from evonas import zoo
-    from evonas.genome import Genome
+    from evonas.layers import zoo
+    from evonas.layers.genome import Genome
     from evonas.search.results import load_run, split_run_spec
 
     if spec in zoo.names():
@@ -58,14 +58,6 @@ def resolve_genome(spec: str):
         return Genome.load(path)
     raise EvonasError(f"{spec!r} is neither a zoo layer, a genome file nor RUN:ID; "
                       f"`evonas zoo` lists the layers ({', '.join(zoo.names()[:3])}, ...)")
-
-
-def default_class_name(genome) -> str:
-    if genome.name:
-        name = "".join(part[:1].upper() + part[1:] for part in genome.name.replace("-", "_").split("_"))
-        if name.isidentifier():
-            return name
-    return f"EvolvedNormAct{genome.structural_hash[:8]}"
 
 
 def check_output_file(out: str, suffix: str = ".py") -> Path:
@@ -86,8 +78,8 @@ def check_class_name(name: str) -> str:
 
 
 def run_zoo(args) -> int:
-    from evonas import symbolic, zoo
-    from evonas.space import builtin_spaces, load_space
+    from evonas.layers import symbolic, zoo
+    from evonas.layers.space import builtin_spaces, load_space
 
     spaces = [load_space(s) for s in builtin_spaces()]
     print(f"{'layer':<12} {'nodes':>5}  {'spaces':<22} formula (out = gamma * y + beta)")
@@ -99,14 +91,14 @@ def run_zoo(args) -> int:
 
 
 def run_ops(args) -> int:
-    from evonas.ops import describe
+    from evonas.layers.ops import describe
 
     print(describe())
     return 0
 
 
 def run_spaces(args) -> int:
-    from evonas.space import builtin_spaces, load_space
+    from evonas.layers.space import builtin_spaces, load_space
 
     for name in builtin_spaces():
         s = load_space(name)
@@ -116,7 +108,7 @@ def run_spaces(args) -> int:
 
 
 def run_show(args) -> int:
-    from evonas import symbolic
+    from evonas.layers import symbolic
     from evonas.search.results import split_run_spec
 
     genome = resolve_genome(args.spec)
@@ -157,7 +149,7 @@ def _show_candidate(path: str, cid: str) -> None:
 
 
 def run_export(args) -> int:
-    from evonas.export import export_file
+    from evonas.layers.export import default_class_name, export_file
 
     path = check_output_file(args.out)
     genome = resolve_genome(args.spec)
@@ -168,6 +160,6 @@ def run_export(args) -> int:
 
 
 def run_demo(args) -> int:
-    from evonas.demo import run
+    from evonas.cli.demo import run
 
     return run(Path(args.out), seed=args.seed)

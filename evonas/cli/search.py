@@ -155,8 +155,8 @@ def run_search(args) -> int:
 
 
 def run_top(args) -> int:
-    from evonas import symbolic
-    from evonas.genome import Genome
+    from evonas.layers import symbolic
+    from evonas.layers.genome import Genome
     from evonas.search.driver import mean_fitness
     from evonas.search.results import load_run
 

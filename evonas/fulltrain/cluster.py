@@ -28,7 +28,7 @@ import math
 import os
 from typing import Iterator
 
-from evonas.engine import LOOPBACK, loopback_only
+from evonas.runtime.backends import LOOPBACK, loopback_only
 from evonas.errors import EvonasError
 from evonas.fulltrain.config import FullTrainConfig
 
@@ -65,7 +65,7 @@ def ray_connection(config: FullTrainConfig) -> Iterator[str]:
 
 @contextlib.contextmanager
 def _remote(config: FullTrainConfig, address: str) -> Iterator[None]:
-    from evonas.engine import RayBackend
+    from evonas.runtime.backends import RayBackend
 
     backend = RayBackend(address=address, workers=1, cpus_per_eval=config.cpus_per_trial,
                          gpus_per_eval=config.gpus_per_trial)

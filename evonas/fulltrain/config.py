@@ -165,7 +165,7 @@ class FullTrainConfig:
 
     def _check_names(self) -> None:
         """Architectures, zoo layers, dataset and budget exist (imports kept light)."""
-        from evonas import zoo
+        from evonas.layers import zoo
         from evonas.proxy.data import DATASETS
         from evonas.proxy.models import ARCHS
 
@@ -252,7 +252,7 @@ _FROM_THE_SEARCH = frozenset({"top", "budget", "dataset", "data_dir"})
 def load_overrides(path: str) -> dict[str, Any]:
     """--full-train-config FILE: a JSON object of FullTrainConfig settings, checked now
     (unknown names and bad values fail before the search starts)."""
-    from evonas.runfolder import read_json
+    from evonas.search.runfolder import read_json
 
     data = read_json(path)
     if not isinstance(data, dict):
@@ -287,7 +287,7 @@ def stage_budget(text: str, gpus_per_trial: float):
     GPU trials); wall time works either way; an evaluation count says nothing about how
     long training may take.
     """
-    from evonas.budget import parse_budget
+    from evonas.search.budget import parse_budget
 
     budget = parse_budget(text)
     if budget.kind == "evals":

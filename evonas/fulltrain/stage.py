@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from evonas.budget import Ledger
+from evonas.search.budget import Ledger
 from evonas.errors import EvonasError
 from evonas.fulltrain.cluster import ray_connection, remote_address
 from evonas.fulltrain.config import LR_REFERENCE_BATCH, FullTrainConfig, stage_budget
@@ -60,7 +60,7 @@ from evonas.fulltrain.trainable import train_layer, train_size
 from evonas.fulltrain.tuning import (LIVE, METRIC, MODE, BudgetStopper, Group, GroupedASHA,
                                      GroupedSearch, StageCallback, StageHooks,
                                      make_optuna_factory)
-from evonas.runfolder import RunFolder, atomic_write_json, atomic_write_text
+from evonas.search.runfolder import RunFolder, atomic_write_json, atomic_write_text
 from evonas.search.results import Run, load_run
 
 STATE_FORMAT = "evonas.fulltrain-state/1"
@@ -105,9 +105,9 @@ def plan_layers(run: Run, config: FullTrainConfig) -> list[Layer]:
 
 def _baseline(run: Run, name: str) -> Layer:
     """A zoo layer, with the proxy fitness of an equivalent layer the search scored."""
-    from evonas import zoo
-    from evonas.fingerprint import functional_fingerprint
-    from evonas.records import SURVIVOR
+    from evonas.layers import zoo
+    from evonas.layers.fingerprint import functional_fingerprint
+    from evonas.search.records import SURVIVOR
 
     genome = zoo.get(name)
     scored = run.state.fingerprints.get(functional_fingerprint(genome))
@@ -272,8 +272,8 @@ class Stage(StageHooks):
         """Run the search's own evaluation on every baseline it has no proxy fitness for."""
         import ray
 
-        from evonas.engine import run_task
-        from evonas.records import Candidate
+        from evonas.runtime.backends import run_task
+        from evonas.search.records import Candidate
 
         scores = self.state.setdefault("proxy", {})
         todo = [layer for layer in self.layers
@@ -297,7 +297,7 @@ class Stage(StageHooks):
         self.save()
 
     def _proxy_score(self, outcome: dict) -> dict:
-        from evonas.records import SURVIVOR, Evaluation
+        from evonas.search.records import SURVIVOR, Evaluation
 
         if not outcome["ok"]:
             self.ledger.charge(PROXY_STAGE, outcome["seconds"], self.config.device_share,
@@ -391,7 +391,7 @@ def _report_seconds(result: dict) -> float:
 
 def _outcome(ray, ref) -> dict:
     """run_task's report, or a failed one when the worker itself died."""
-    from evonas.engine import reason
+    from evonas.runtime.backends import reason
 
     try:
         return ray.get(ref)
@@ -408,7 +408,7 @@ def trial_name(trial) -> str:
 
 def trial_record(result, layers: dict[str, Layer], state: dict) -> dict | None:
     """One trial's record from its Tune result: settings, status, scores, curve."""
-    from evonas.engine import reason
+    from evonas.runtime.backends import reason
 
     cfg = result.config or {}
     if cfg.get("layer") not in layers:
@@ -552,7 +552,7 @@ def _check_batch_sizes(config: FullTrainConfig) -> None:
 
 
 def _space_groups(run: Run) -> int:
-    from evonas.space import load_space
+    from evonas.layers.space import load_space
 
     return load_space(run.config.space).groups
 
@@ -630,7 +630,7 @@ def _write_outputs(folder: StageFolder, records: list[dict], summary: dict) -> N
 def _log_mlflow(run: Run, config: FullTrainConfig, records: list[dict], summary: dict,
                 progress: Callable[[str], None]) -> None:
     from evonas.fulltrain.tracking import log_stage
-    from evonas.tracking import Tracker
+    from evonas.runtime.tracking import Tracker
 
     parent = run.state.parent_run_id
     if parent is None:

@@ -2,7 +2,7 @@
 
 Where it sits: stage.py calls `log_stage` once Tuner.fit returns (and again after a
 resume), from the driver only: trials never write to the store (SQLite takes one
-writer). It uses the search's store and experiment (evonas.tracking.Tracker) and adds:
+writer). It uses the search's store and experiment (evonas.runtime.tracking.Tracker) and adds:
 
     trial run    one per finished trial, a child of the search's parent run (tag
                  mlflow.parentRunId), tagged evonas.kind=full_train, evonas.trial_id,
@@ -31,7 +31,7 @@ from typing import Sequence
 from mlflow.entities import Metric, Param
 
 from evonas.fulltrain.leaderboard import table_rows, to_csv
-from evonas.tracking import CANDIDATE_TAG, KIND_TAG, PARENT_TAG, Tracker
+from evonas.runtime.tracking import CANDIDATE_TAG, KIND_TAG, PARENT_TAG, Tracker
 
 KIND = "full_train"
 TRIAL_TAG = "evonas.trial_id"

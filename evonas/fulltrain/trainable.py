@@ -183,9 +183,9 @@ def limit_process(settings: FullTrainConfig, device: torch.device) -> None:
 
 def layer_norm_act(spec: TrialSpec, groups: int) -> Callable[..., nn.Module]:
     """The layer factory: the zoo's own defaults for a zoo layer, the genome otherwise."""
-    from evonas import zoo
-    from evonas.genome import Genome
-    from evonas.interpreter import layer_factory
+    from evonas.layers import zoo
+    from evonas.layers.genome import Genome
+    from evonas.layers.interpreter import layer_factory
 
     if spec.layer_spec.get("zoo"):
         return zoo.factory(spec.layer_spec["zoo"], groups=groups)

@@ -172,10 +172,10 @@ class SearchConfig:
     def validate_parts(self) -> None:
         """Check the named parts exist (space, architectures, budget, dataset) at once,
         so a typo fails before Ray starts, not an hour in."""
-        from evonas.budget import parse_budget
+        from evonas.search.budget import parse_budget
         from evonas.proxy.data import DATASETS
         from evonas.proxy.models import ARCHS
-        from evonas.space import load_space
+        from evonas.layers.space import load_space
 
         load_space(self.space)
         parse_budget(self.budget)

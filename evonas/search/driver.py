@@ -23,20 +23,20 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from evonas import zoo
-from evonas.budget import Ledger, parse_budget
+from evonas.layers import zoo
+from evonas.search.budget import Ledger, parse_budget
 from evonas.errors import EvonasError
-from evonas.evolution import (EvolutionConfig, GenomeOps, RandomSearch, RegularizedEvolution,
+from evonas.search.evolution import (EvolutionConfig, GenomeOps, RandomSearch, RegularizedEvolution,
                               load_controller)
-from evonas.fingerprint import functional_fingerprint
-from evonas.genome import Genome
-from evonas.mutation import mutate, random_genome
-from evonas.records import DUPLICATE, FAILED, REJECTED, SURVIVOR, Candidate, Evaluation
-from evonas.runfolder import RunFolder
+from evonas.layers.fingerprint import functional_fingerprint
+from evonas.layers.genome import Genome
+from evonas.layers.mutation import mutate, random_genome
+from evonas.search.records import DUPLICATE, FAILED, REJECTED, SURVIVOR, Candidate, Evaluation
+from evonas.search.runfolder import RunFolder
 from evonas.search.config import SearchConfig
 from evonas.search.progress import Progress
 from evonas.search.rejection import numeric_check, static_check
-from evonas.space import SearchSpace, load_space
+from evonas.layers.space import SearchSpace, load_space
 
 STATE_FORMAT = "evonas.search-state/1"
 # Stages run by the driver itself, on its CPU, before a candidate costs a worker anything.
@@ -111,7 +111,7 @@ def search_budget(config: SearchConfig, text: str):
 
 
 def make_backend(config: SearchConfig):
-    from evonas.engine import InlineBackend, RayBackend
+    from evonas.runtime.backends import InlineBackend, RayBackend
 
     if config.workers == 0:
         return InlineBackend()
@@ -329,7 +329,7 @@ class Search:
         if self.tracker is None:
             import logging
 
-            from evonas.tracking import Tracker
+            from evonas.runtime.tracking import Tracker
 
             # MLflow announces its schema migrations at INFO; the progress line says enough.
             logging.getLogger("mlflow").setLevel(logging.WARNING)
@@ -349,8 +349,8 @@ class Search:
             self._log(self.state.candidates[cid], self.state.evaluations[cid])
 
     def _log(self, cand: Candidate, ev: Evaluation) -> None:
-        from evonas import symbolic
-        from evonas.export import export_source
+        from evonas.layers import symbolic
+        from evonas.layers.export import export_source
 
         genome = Genome.from_dict(cand.genome)
         self.tracker.log_candidate(self.state.parent_run_id, cand, ev, genome=genome,
@@ -367,7 +367,7 @@ class Search:
     def _report(self, force: bool = False) -> None:
         """Rewrite report.html (and its copy in MLflow) every report_every_s seconds."""
         if force or time.monotonic() - self._reported_at >= self.config.report_every_s:
-            from evonas.report import refresh
+            from evonas.search.report import refresh
 
             refresh(self.folder.path, self.tracker, self.state.parent_run_id)
             self._reported_at = time.monotonic()

@@ -22,15 +22,15 @@ import time
 import numpy as np
 import torch
 
-from evonas.genome import Genome
-from evonas.interpreter import layer_factory
+from evonas.layers.genome import Genome
+from evonas.layers.interpreter import layer_factory
 from evonas.proxy.data import load_dataset
 from evonas.proxy.models import build_model
 from evonas.proxy.train import ProxyConfig, ProxyTrainer
-from evonas.records import FAILED, REJECTED, SURVIVOR, Candidate, Evaluation
+from evonas.search.records import FAILED, REJECTED, SURVIVOR, Candidate, Evaluation
 from evonas.search.config import SearchConfig
 from evonas.search.rejection import stability_check
-from evonas.space import load_space
+from evonas.layers.space import load_space
 
 
 def proxy_seed(search_seed: int) -> int:

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from evonas.errors import GenomeError
-from evonas.genome import Genome
-from evonas.space import SearchSpace
+from evonas.layers.genome import Genome
+from evonas.layers.space import SearchSpace
 
 
 @dataclass
@@ -51,7 +51,7 @@ def static_check(genome: Genome, space: SearchSpace) -> Verdict:
 def numeric_check(genome: Genome, scales: tuple[float, ...], groups: int) -> Verdict:
     """Finite outputs and gradients (to the input and the layer's parameters) on probe
     batches at several input scales, in train and eval mode, in float32 as trained."""
-    from evonas.fingerprint import probe_inputs, probe_layer
+    from evonas.layers.fingerprint import probe_inputs, probe_layer
 
     def check():
         layer = probe_layer(genome, groups=groups, dtype=torch.float32)

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from evonas.errors import EvonasError
-from evonas.genome import Genome
-from evonas.records import REJECTED, SURVIVOR, Candidate, Evaluation
-from evonas.runfolder import RunFolder
+from evonas.layers.genome import Genome
+from evonas.search.records import REJECTED, SURVIVOR, Candidate, Evaluation
+from evonas.search.runfolder import RunFolder
 from evonas.search.config import SearchConfig
 from evonas.search.driver import STATE_FORMAT, SearchState, mean_fitness
 

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from evonas import kernels as K
+from evonas.layers import kernels as K
 
 # Sign classes of a value, used to prove a denominator is bounded away from 0:
 # "pos" >= some c > 0 for every input, "nonneg" >= 0, "any" unknown.

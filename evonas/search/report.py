@@ -37,12 +37,12 @@ from matplotlib.backends.backend_svg import FigureCanvasSVG
 from matplotlib.figure import Figure
 
 from evonas import __version__
-from evonas.budget import Ledger
+from evonas.search.budget import Ledger
 from evonas.errors import EvonasError
-from evonas.genome import Genome
-from evonas.pareto import pareto_front
-from evonas.records import DUPLICATE, FAILED, REJECTED, STAGES, SURVIVOR, Candidate, Evaluation
-from evonas.runfolder import RunFolder, atomic_write_text
+from evonas.layers.genome import Genome
+from evonas.search.pareto import pareto_front
+from evonas.search.records import DUPLICATE, FAILED, REJECTED, STAGES, SURVIVOR, Candidate, Evaluation
+from evonas.search.runfolder import RunFolder, atomic_write_text
 from evonas.search.driver import DRIVER_STAGES, mean_fitness
 from evonas.search.results import Run, load_run
 
@@ -275,7 +275,7 @@ def formula_svg(tex: str) -> str | None:
 
 
 def formula(genome: Genome) -> Formula:
-    from evonas import symbolic
+    from evonas.layers import symbolic
 
     tex = symbolic.equation(genome, tex=True)
     return Formula(symbolic.equation(genome), tex, formula_svg(tex))
@@ -353,7 +353,7 @@ def funnel_plot(rows: list[FunnelRow]) -> str:
 
 def graph_picture(genome: Genome, title: str) -> str:
     """The genome's graph (drawing.py draws its networkx form) as an SVG data: URI."""
-    from evonas.drawing import genome_figure
+    from evonas.layers.drawing import genome_figure
 
     # Tight: drawing.py's legend can be wider than a small graph's figure.
     return _svg_uri(genome_figure(genome, title=title), bbox_inches="tight", pad_inches=0.1)

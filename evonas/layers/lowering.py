@@ -18,8 +18,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from evonas.genome import Genome, Node
-from evonas.ops import DIV_UNGUARDED, INPUTS, NORMALIZE, NORMALIZE_AFFINE, OPS, POS, Op
+from evonas.layers.genome import Genome, Node
+from evonas.layers.ops import DIV_UNGUARDED, INPUTS, NORMALIZE, NORMALIZE_AFFINE, OPS, POS, Op
 
 
 @dataclass(frozen=True)

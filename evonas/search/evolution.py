@@ -70,13 +70,13 @@ from typing import Any, ClassVar, NamedTuple
 import numpy as np
 
 from evonas.errors import EvonasError
-from evonas.pareto import pareto_front
+from evonas.search.pareto import pareto_front
 
 Genome = Any  # opaque to the controllers
 Fitness = tuple[float, ...]
 
-from evonas.records import DUPLICATE, FAILED, REJECTED  # noqa: E402
-from evonas.records import SURVIVOR as OK  # noqa: E402
+from evonas.search.records import DUPLICATE, FAILED, REJECTED  # noqa: E402
+from evonas.search.records import SURVIVOR as OK  # noqa: E402
 _ENTERS = frozenset({OK, DUPLICATE})
 _KINDS = frozenset({OK, DUPLICATE, REJECTED, FAILED})
 RANDOM = "random"

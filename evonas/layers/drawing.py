@@ -22,8 +22,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from evonas.genome import Genome
-from evonas.ops import AGGREGATE, INPUTS, OPS
+from evonas.layers.genome import Genome
+from evonas.layers.ops import AGGREGATE, INPUTS, OPS
 
 # Box colours by role: the data input, fixed constants, trainable vectors, element-wise
 # ops, aggregates (the statistics that make a layer a normalization).

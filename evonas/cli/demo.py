@@ -12,11 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from evonas import mutation, symbolic, zoo
-from evonas.cli.layers import default_class_name
-from evonas.export import export_file
-from evonas.interpreter import GenomeLayer
-from evonas.space import load_space
+from evonas.layers import mutation, symbolic, zoo
+from evonas.layers.export import default_class_name, export_file
+from evonas.layers.interpreter import GenomeLayer
+from evonas.layers.space import load_space
 
 
 def _load_class(path: Path, class_name: str):

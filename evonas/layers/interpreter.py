@@ -14,10 +14,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from evonas.genome import Genome
-from evonas.kernels import resolve_groups
-from evonas.lowering import lower
-from evonas.ops import INPUTS
+from evonas.layers.genome import Genome
+from evonas.layers.kernels import resolve_groups
+from evonas.layers.lowering import lower
+from evonas.layers.ops import INPUTS
 
 
 class GenomeLayer(nn.Module):

@@ -22,11 +22,11 @@ import tempfile
 from pathlib import Path
 
 from evonas import __version__
-from evonas import kernels as K
+from evonas.layers import kernels as K
 from evonas.errors import EvonasError
-from evonas.genome import Genome
-from evonas.lowering import Step, lower
-from evonas.ops import INPUTS
+from evonas.layers.genome import Genome
+from evonas.layers.lowering import Step, lower
+from evonas.layers.ops import INPUTS
 
 # Names the generated file defines or imports besides the copied kernels.
 _FILE_NAMES = {"torch", "nn", "List", "resolve_groups"}
@@ -46,7 +46,7 @@ def export_source(genome: Genome, class_name: str = "EvolvedNormAct", *,
     sources = [inspect.getsource(h).rstrip() for h in helpers]
     parts = [
         _module_docstring(genome, class_name, shown) + "\n\n" + _imports(sources),
-        "# Kernels copied from evonas.kernels: the interpreter runs this same code.\n"
+        "# Kernels copied from evonas.layers.kernels: the interpreter runs this same code.\n"
         + "\n\n\n".join(sources),
         _class_source(genome, steps, class_name, shown),
     ]
@@ -80,6 +80,16 @@ def export_file(genome: Genome, path: str | Path, class_name: str = "EvolvedNorm
 # --- parts of the file ------------------------------------------------------------------
 
 
+def default_class_name(genome: Genome) -> str:
+    """The class name an export gets when none is asked for: the genome's name in
+    CamelCase, or EvolvedNormAct and the start of its structural hash."""
+    if genome.name:
+        name = "".join(part[:1].upper() + part[1:] for part in genome.name.replace("-", "_").split("_"))
+        if name.isidentifier():
+            return name
+    return f"EvolvedNormAct{genome.structural_hash[:8]}"
+
+
 def _helpers(steps: list[Step]) -> list:
     """Kernel functions the steps call, each once, in kernels.py's order (callees first)."""
     order = {name: k for k, name in enumerate(vars(K))}
@@ -98,7 +108,7 @@ def _check_class_name(name: str, helper_names: set[str]) -> None:
 
 def _formulas(genome: Genome) -> tuple[str, str]:
     """(text, LaTeX) of y, each a `y = ...` line or a block of lines ending with one."""
-    from evonas import symbolic  # sympy loads only when a formula is wanted
+    from evonas.layers import symbolic  # sympy loads only when a formula is wanted
 
     return symbolic.equation(genome), symbolic.equation(genome, tex=True)
 

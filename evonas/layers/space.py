@@ -21,8 +21,8 @@ from importlib import resources
 from pathlib import Path
 
 from evonas.errors import GenomeError, SpaceError
-from evonas.genome import MAX_NODES, Genome
-from evonas.ops import AGGREGATE, INPUTS, OPS
+from evonas.layers.genome import MAX_NODES, Genome
+from evonas.layers.ops import AGGREGATE, INPUTS, OPS
 
 FORMAT = "evonas.space/1"
 _KEYS = {"format", "name", "description", "ops", "inputs", "max_nodes", "groups"}

@@ -23,8 +23,8 @@ import sympy as sp
 from sympy.printing.latex import LatexPrinter
 from sympy.printing.str import StrPrinter
 
-from evonas.genome import Genome
-from evonas.ops import AGGREGATE_OPS, AXES_LATEX, INPUTS, OPS
+from evonas.layers.genome import Genome
+from evonas.layers.ops import AGGREGATE_OPS, AXES_LATEX, INPUTS, OPS
 
 # Ops and leaves an expanded formula may hold; beyond it shared nodes are named. A
 # readable 10-node layer stays far below; a value reused down a chain passes it quickly.

@@ -19,11 +19,11 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 from evonas.errors import EvonasError
-from evonas.genome import Genome, chain
-from evonas.interpreter import GenomeLayer, layer_factory
+from evonas.layers.genome import Genome, chain
+from evonas.layers.interpreter import GenomeLayer, layer_factory
 
 if TYPE_CHECKING:
-    from evonas.space import SearchSpace
+    from evonas.layers.space import SearchSpace
 
 _PAPER = ("Liu, Brock, Simonyan, Le, Evolving Normalization-Activation Layers, NeurIPS 2020 "
           "(arXiv 2004.02967)")

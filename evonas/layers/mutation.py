@@ -34,9 +34,9 @@ from typing import TypeVar
 import numpy as np
 
 from evonas.errors import EvonasError, GenomeError
-from evonas.genome import Genome, Node
-from evonas.ops import AGGREGATE, OPS
-from evonas.space import SearchSpace
+from evonas.layers.genome import Genome, Node
+from evonas.layers.ops import AGGREGATE, OPS
+from evonas.layers.space import SearchSpace
 
 T = TypeVar("T")
 Pick = Callable[[Sequence[T], str], T]

@@ -43,10 +43,10 @@ from mlflow.entities import Metric, Param, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from evonas.drawing import draw_genome
+from evonas.layers.drawing import draw_genome
 from evonas.errors import EvonasError
-from evonas.genome import Genome
-from evonas.records import Candidate, Evaluation
+from evonas.layers.genome import Genome
+from evonas.search.records import Candidate, Evaluation
 
 PARENT_TAG = "mlflow.parentRunId"
 KIND_TAG = "evonas.kind"

@@ -31,7 +31,7 @@ from typing import Iterable, Sequence
 import networkx as nx
 
 from evonas.errors import GenomeError
-from evonas.ops import AGGREGATE, INPUTS, OPS
+from evonas.layers.ops import AGGREGATE, INPUTS, OPS
 
 FORMAT = "evonas.genome/1"
 # Any genome, zoo or file, whatever its space: bounds the cost of every later step.

@@ -26,9 +26,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from evonas.genome import Genome
-from evonas.interpreter import GenomeLayer
-from evonas.ops import INPUTS
+from evonas.layers.genome import Genome
+from evonas.layers.interpreter import GenomeLayer
+from evonas.layers.ops import INPUTS
 
 # Changing any of these changes every fingerprint: bump VERSION so old caches miss.
 VERSION = "evonas.fingerprint/1"

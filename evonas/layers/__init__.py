@@ -1,0 +1,1 @@
+"""The layers: ops, genomes, spaces, their interpreter, exporter, symbolic view and zoo."""
