@@ -335,3 +335,38 @@ def test_format_summary_of_an_empty_ledger():
 def test_device_hours_are_shown_with_3_significant_figures(hours, shown):
     budget = parse_budget("1gpu-h")
     assert budget.format_amount(hours * 3600.0) == f"{shown} gpu-h"
+
+
+# --- budgets that bind ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, share, gpus, inline, refused", [
+    ("1gpu-h", 0.0, 8, False, "needs evaluations that hold a GPU"),
+    ("1gpu-h", 0.25, 8, True, "--workers 0"),
+    ("1gpu-h", 0.25, 0, False, "this machine has none"),
+    ("1cpu-h", 0.25, 8, False, "a cpu-h budget is never spent"),
+    ("1gpu-h", 0.25, 8, False, None),
+    ("1gpu-h", 0.25, None, False, None),  # a cluster, checked once connected
+    ("1cpu-h", 0.0, 0, False, None),
+    ("45m", 0.25, 0, True, None),  # wall time and counts bind whatever the tasks hold
+    ("5evals", 0.0, 0, False, None),
+])
+def test_a_device_budget_the_tasks_never_spend_is_refused(text, share, gpus, inline, refused):
+    from evonas.search.budget import check_spendable
+
+    budget = parse_budget(text)
+    if refused is None:
+        check_spendable(budget, share, gpus=gpus, inline=inline)
+        return
+    with pytest.raises(EvonasError, match=refused) as err:
+        check_spendable(budget, share, gpus=gpus, inline=inline)
+    assert "\n" not in str(err.value)
+
+
+def test_a_gpu_budget_refuses_a_cluster_without_gpus_once_connected():
+    from evonas.search.budget import cluster_check
+
+    admit = cluster_check(parse_budget("1gpu-h"), 0.25)
+    admit({"gpus_total": 4.0})
+    with pytest.raises(EvonasError, match="the Ray cluster has none"):
+        admit({"gpus_total": 0.0})

@@ -3,8 +3,9 @@ shutdown, and a separate `ray start` head with token authentication.
 
 One embedded RayBackend (2 CPUs, no dashboard, small object store) serves the module;
 tests that need other settings open a second backend on the same connection. The
-remote-cluster test runs its driver in a subprocess: one process holds one Ray
-connection, and a fresh environment shows that the backend itself passes the token on.
+remote-cluster tests share one `ray start` head and run their drivers in subprocesses:
+one process holds one Ray connection, and a fresh environment shows that the backend
+itself passes the token on.
 """
 
 from __future__ import annotations
@@ -228,6 +229,15 @@ def test_inline_backend_reports_a_time_limit_overshoot():
     assert not outcome.ok and outcome.error.startswith("time limit 0.05s exceeded")
 
 
+# Before the `ray start` head below comes up: it is a child of this process too, and
+# listens on every interface, as a cluster serving other machines must.
+def test_the_embedded_ray_listens_on_loopback_only(backend):
+    from sockets import descendants, is_loopback, listening_addresses
+
+    listening = listening_addresses(descendants(os.getpid()))
+    assert listening and all(is_loopback(a) for a in listening), listening
+
+
 # -- a separate Ray head (`ray start`), token authentication on
 
 DRIVER = """
@@ -310,24 +320,32 @@ def test_an_address_where_nothing_listens_fails_at_once():
     assert "EvonasError: nothing answers at Ray address 127.0.0.1:" in run.stderr
 
 
-def test_remote_cluster_with_token_authentication(backend):
+@pytest.fixture(scope="module")
+def token_head():
+    """A `ray start` head of one CPU and no GPU, token authentication on: (address, token,
+    root folder)."""
     root = tempfile.mkdtemp(prefix="evx", dir="/tmp")  # short: Ray's socket paths must fit
     token = os.urandom(16).hex()
     port = free_port()
     head = start_head(port, root, dict(clean_env(root), RAY_AUTH_MODE="token",
                                        RAY_AUTH_TOKEN=token))
     try:
-        # The driver has the token but not RAY_AUTH_MODE: Ray alone would not send it
-        # to an explicit address and the connection would be refused.
-        driver = subprocess.run(
-            [sys.executable, "-c", DRIVER.format(tests=TESTS, address=f"127.0.0.1:{port}")],
-            env=dict(clean_env(root), RAY_AUTH_TOKEN=token), cwd=root,
-            capture_output=True, text=True, timeout=180)
-        assert driver.returncode == 0, driver.stderr[-3000:]
-        report = json.loads(driver.stdout.strip().splitlines()[-1])
+        yield f"127.0.0.1:{port}", token, root
     finally:
         stop_head(head)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_remote_cluster_with_token_authentication(backend, token_head):
+    address, token, root = token_head
+    # The driver has the token but not RAY_AUTH_MODE: Ray alone would not send it
+    # to an explicit address and the connection would be refused.
+    driver = subprocess.run(
+        [sys.executable, "-c", DRIVER.format(tests=TESTS, address=address)],
+        env=dict(clean_env(root), RAY_AUTH_TOKEN=token), cwd=root,
+        capture_output=True, text=True, timeout=180)
+    assert driver.returncode == 0, driver.stderr[-3000:]
+    report = json.loads(driver.stdout.strip().splitlines()[-1])
     print(f"\nremote connect: {report['init']:.2f}s, shutdown with a task in flight: "
           f"{report['shutdown']:.2f}s")
     (outcome,) = report["outcomes"]
@@ -336,8 +354,21 @@ def test_remote_cluster_with_token_authentication(backend):
     assert report["shutdown"] < 5
 
 
-def test_the_embedded_ray_listens_on_loopback_only(backend):
-    from sockets import descendants, is_loopback, listening_addresses
+GPU_BUDGET_DRIVER = """
+from evonas.search.config import SearchConfig
+from evonas.search.driver import make_backend
+config = SearchConfig(budget="1gpu-h", gpus_per_eval=0.25, workers=1, ray_address={address!r})
+make_backend(config).start()
+"""
 
-    listening = listening_addresses(descendants(os.getpid()))
-    assert listening and all(is_loopback(a) for a in listening), listening
+
+def test_a_gpu_budget_refuses_a_cluster_without_gpus_when_it_connects(token_head):
+    """Its GPUs are unknown before connecting; a search on it would wait for ever."""
+    address, token, root = token_head
+    driver = subprocess.run(
+        [sys.executable, "-c", GPU_BUDGET_DRIVER.format(address=address)],
+        env=dict(clean_env(root), RAY_AUTH_TOKEN=token), cwd=root,
+        capture_output=True, text=True, timeout=180)
+    assert driver.returncode == 1, driver.stderr[-3000:]
+    assert ("EvonasError: a gpu-h budget needs a GPU but the Ray cluster has none"
+            in driver.stderr), driver.stderr[-3000:]

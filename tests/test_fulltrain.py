@@ -15,12 +15,14 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from sockets import descendants, is_loopback, listening_addresses
 
 from evonas.cli import main
 from evonas.errors import EvonasError
 from evonas.fulltrain.config import FullTrainConfig, parse_seeds
 from evonas.fulltrain.leaderboard import kendall_tau_b, leaderboard, mean_std, proxy_correlation
+from evonas.search.results import load_run
 
 pytestmark = pytest.mark.slow
 
@@ -99,7 +101,10 @@ def test_config_checks_and_seed_lists():
                          (dict(gpus_per_trial=0.3), "does not split a GPU evenly"),
                          (dict(steps=10), "--epochs or as --steps"),
                          (dict(device="cuda"), "needs --gpus-per-trial"),
-                         (dict(budget="2gpu-h"), "trials run on CPUs")]:
+                         (dict(budget="2gpu-h"), "needs trials that hold a GPU: pass "
+                                                 "--gpus-per-trial 0.25"),
+                         (dict(budget="2cpu-h", gpus_per_trial=0.5),
+                          "a cpu-h budget is never spent by trials that hold a GPU")]:
         with pytest.raises(EvonasError, match=message):
             FullTrainConfig(**bad)
 
@@ -207,6 +212,11 @@ def test_grouped_asha_compares_a_trial_only_with_its_own_group():
     (["--gpus-per-trial", "0.3"], "does not split a GPU evenly"),
     (["--budget", "5evals"], "cannot bound full training"),
     (["--budget", "0.000001cpu-h"], "is already spent"),
+    (["--budget", "1gpu-h"], "a gpu-h budget needs trials that hold a GPU"),
+    (["--budget", "1cpu-h", "--gpus-per-trial", "0.5"], "a cpu-h budget is never spent"),
+    pytest.param(["--budget", "1gpu-h", "--gpus-per-trial", "0.5"],
+                 "a gpu-h budget needs a GPU but this machine has none",
+                 marks=pytest.mark.skipif(torch.cuda.device_count() > 0, reason="needs no GPU")),
 ])
 def test_bad_arguments_fail_in_one_line_and_write_nothing(run_copy, capsys, flags, message):
     before = sorted(p.name for p in run_copy.iterdir())
@@ -438,8 +448,9 @@ def test_search_then_full_training_in_one_command_on_one_budget(tmp_path):
                           capture_output=True, text=True, timeout=600, env=_env())
     assert done.returncode == 0, done.stderr[-3000:]
     state = json.loads((out / "state.json").read_text())
-    best = max((c for c, e in state["evaluations"].items() if e["status"] == "survivor"),
-               key=lambda c: sum(state["evaluations"][c]["fitness"].values()))
+    # The search's best layer, as the search ranks it (the run folder's reader).
+    (best_candidate, _), = load_run(out).leaderboard(1)
+    best = best_candidate.candidate_id
     trials = json.loads((out / "fulltrain" / "trials.json").read_text())
     assert sorted(t["layer"] for t in trials) == sorted([best, "bn_relu"])
     assert all(t["status"] == "completed" and t["arch"] == "resnet20" and t["batch_size"] == 16

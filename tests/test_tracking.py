@@ -1,6 +1,7 @@
-"""The MLflow record of a search, against real stores: SQLite in a temp folder, and once a
-real `mlflow server` subprocess. No mocks: what MLflow accepts, stores and finds is the
-point of these tests."""
+"""The MLflow record of a search and of full training's trials, against real stores: SQLite
+in a temp folder, and once a real `mlflow server` subprocess. No mocks: what MLflow
+accepts, stores and finds is the point of these tests. Candidate runs go through
+SearchTracker, trial runs through fulltrain.tracking, both over the one generic Tracker."""
 
 import json
 import os
@@ -8,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 
 import mlflow
 import pytest
@@ -20,7 +22,9 @@ from evonas.layers.export import export_source
 from evonas.layers.genome import Genome
 from evonas.search.records import Candidate, Evaluation
 from evonas.layers.symbolic import formula, latex
-from evonas.runtime.tracking import MAX_TAG_VALUE, RUN_NAME_CHARS, Tracker, _key, _run_name
+from evonas.fulltrain.tracking import TRIALS, log_stage, log_trial
+from evonas.runtime.tracking import MAX_TAG_VALUE, RUN_NAME_CHARS, ChildKind, _key, _run_name
+from evonas.search.tracking import CANDIDATES, SearchTracker
 
 ARCHS = ("resnet", "mobilenet")
 
@@ -30,7 +34,7 @@ def store(tmp_path_factory):
     # One database for the module: creating one runs MLflow's migrations (seconds). Each
     # test opens its own search run, so the tests stay independent.
     folder = tmp_path_factory.mktemp("runfolder")
-    return Tracker(f"sqlite:///{folder / 'mlflow.db'}"), folder
+    return SearchTracker(f"sqlite:///{folder / 'mlflow.db'}"), folder
 
 
 def _log(tracker, parent, cid, status, genome_name="evonorm_s0", **evaluation):
@@ -127,7 +131,8 @@ def test_reconcile_leaves_one_finished_run_per_finished_candidate(store):
     _log(tracker, parent, "c4", "survivor")  # logged, but the state update was lost
     # A crash mid-logging: created, never finished.
     stuck = tracker.client.create_run(tracker.experiment_id, tags={
-        "mlflow.parentRunId": parent, "evonas.candidate_id": "c3"}).info.run_id
+        "mlflow.parentRunId": parent, "evonas.kind": "candidate",
+        "evonas.candidate_id": "c3"}).info.run_id
 
     tracker.resume_search(parent)
     assert tracker.client.get_run(parent).info.status == "RUNNING"
@@ -176,6 +181,123 @@ def test_keys_and_run_names_fit_mlflow():
     assert len(name) == RUN_NAME_CHARS and name.endswith("\u2026") and "\n" not in name
 
 
+# --- trial runs and the generic Tracker -----------------------------------------------------
+
+
+def _trial(tid, candidate_id, status="completed", reason=None, steps=3):
+    """A trial's record as fulltrain/stage.py's trial_record writes it."""
+    curve = [{"step": s, "val_accuracy": 0.1 + s / (10 * steps), "val_loss": 2.0 - s / steps,
+              "train_loss": 2.1 - s / steps, "lr": 0.1} for s in range(1, steps + 1)]
+    return {"trial_id": tid, "layer": candidate_id.removeprefix("zoo:"),
+            "candidate_id": candidate_id, "arch": "resnet20", "batch_size": 16, "seed": 0,
+            "lr": 0.1, "lr_effective": 0.0125, "weight_decay": 5e-4, "status": status,
+            "reason": reason, "attempts": 1, "steps_done": steps, "val_accuracy": 0.4,
+            "test_accuracy": 0.38 if status == "completed" else None, "seconds": 12.0,
+            "curve": curve, "path": f"/runs/s/fulltrain/tune/fulltrain-abc/{tid}-x",
+            "settings": {"dataset": "synthetic", "steps": steps, "width": 4, "bf16": False}}
+
+
+ROWS = [{"layer": "c1", "arch": "resnet20", "batch_size": 16, "mean": 0.38, "std": 0.0, "n": 1}]
+SUMMARY = {"trials": {"planned": 3, "started": 3}, "kendall_tau": {"overall": {"tau": None, "n": 1}}}
+
+
+def test_a_trial_run_and_a_candidate_run_get_the_same_limit_handling(store):
+    tracker, _ = store
+    parent = tracker.start_search("limits", {}, {})
+    reason = "loss is NaN at step 12; " * 1000  # 24k chars
+    cand = _log(tracker, parent, "c1", "rejected", reject_stage="numeric", reject_reason=reason)
+    # A long training reports 300 times: 1200 curve points, more than one batch holds.
+    trial = log_trial(tracker.runs, parent, _trial("t1", "c1", "failed", reason, steps=300), cand)
+    for run_id, key in ((cand, "evonas.reject_reason"), (trial, "evonas.reason")):
+        tag = tracker.client.get_run(run_id).data.tags[key]
+        assert len(tag) == MAX_TAG_VALUE and tag.startswith(reason[:100])
+        assert tag.endswith(f"[truncated: {len(reason)} chars in all]")
+    assert len(tracker.client.get_metric_history(trial, "val_loss")) == 300
+    assert tracker.client.get_run(trial).info.status == "FINISHED"
+
+
+def test_trials_are_logged_once_and_a_resumed_search_leaves_them(store):
+    tracker, _ = store
+    parent = tracker.start_search("with-trials", {}, {})
+    cand = _log(tracker, parent, "c1", "survivor")
+    records = [_trial("t1", "c1"), _trial("t2", "zoo:bn_relu"),
+               _trial("t3", "c1", "interrupted", "the stage stopped while it ran")]
+    first = log_stage(tracker.runs, parent, records, ROWS, SUMMARY)
+    assert set(first) == {"t1", "t2"}  # an interrupted trial is logged once it ends
+    t1 = tracker.client.get_run(first["t1"]).data
+    assert t1.tags["evonas.kind"] == "full_train" and t1.tags["mlflow.parentRunId"] == parent
+    assert t1.tags["evonas.candidate_run_id"] == cand and t1.tags["evonas.batch_size"] == "16"
+    assert t1.params["lr"] == "0.1" and t1.params["settings.steps"] == "3"
+    assert t1.params["settings.bf16"] == "false"
+    assert "evonas.candidate_run_id" not in tracker.client.get_run(first["t2"]).data.tags
+
+    # The next run of the stage: t3 ended, and a crash had left a run of it unfinished.
+    stuck = tracker.client.create_run(tracker.experiment_id, tags={
+        "mlflow.parentRunId": parent, "evonas.kind": "full_train",
+        "evonas.trial_id": "t3"}).info.run_id
+    records[2] = _trial("t3", "c1")
+    again = log_stage(tracker.runs, parent, records, ROWS, SUMMARY)
+    assert {k: again[k] for k in first} == first and again["t3"] != stuck
+    assert tracker.client.get_run(stuck).info.lifecycle_stage == "deleted"
+    parent_run = tracker.client.get_run(parent)
+    assert parent_run.data.metrics["fulltrain.trials_planned"] == 3
+    files = {f.path for f in tracker.client.list_artifacts(parent, "fulltrain")}
+    assert "fulltrain/leaderboard.csv" in files
+
+    # A resumed search reconciles its candidates only: the trials of c1 stay.
+    assert tracker.reconcile(parent, finished={"c1"}) == {"c1"}
+    trials = tracker.runs.children(parent, TRIALS)
+    assert sorted(t["trial_id"] for t in trials) == ["t1", "t2", "t3"]
+    assert [c["candidate_id"] for c in tracker.candidates(parent)] == ["c1"]
+
+
+def test_any_child_run_is_written_within_mlflows_batch_limits(store):
+    runs = store[0].runs
+    parent = runs.start_parent("generic", "probe-set")
+    kind = ChildKind("probe", "evonas.probe_id")
+    run_id = runs.log_child(
+        parent, kind, "p1", "probe\nrun", tags={f"t{i}": i for i in range(150)},
+        params={"group": {f"p{i}": i for i in range(150)}},
+        metrics=[("loss", 1.0 / (s + 1), s) for s in range(1500)],
+        texts={"notes/a.txt": "a"})
+    run = runs.client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "probe run"
+    assert run.data.tags["t149"] == "149" and run.data.tags["evonas.probe_id"] == "p1"
+    assert len(run.data.params) == 150 and run.data.params["group.p149"] == "149"
+    assert len(runs.client.get_metric_history(run_id, "loss")) == 1500
+    assert [f.path for f in runs.client.list_artifacts(run_id, "notes")] == ["notes/a.txt"]
+    assert [c["probe_id"] for c in runs.children(parent, kind)] == ["p1"]
+    assert runs.children(parent, CANDIDATES) == []
+
+
+def test_candidates_logged_from_a_background_thread_beside_the_drivers_writes(store):
+    tracker, _ = store
+    parent = tracker.start_search("threaded", {}, {})
+    errors = []
+
+    def writer():
+        try:
+            for i in range(4):
+                _log(tracker, parent, f"c{i}", "survivor")
+        except Exception as exc:  # surfaced by the assertion below
+            errors.append(exc)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    step = 0
+    while thread.is_alive():  # the driver's own writes while the writer logs
+        tracker.log_summary(parent, {"evaluated": step}, step)
+        tracker.log_artifact_text(parent, "report.html", f"<p>{step}</p>")
+        step += 1
+    thread.join()
+    assert errors == []
+    found = tracker.candidates(parent)
+    assert sorted(c["candidate_id"] for c in found) == ["c0", "c1", "c2", "c3"]
+    assert all(c["run_status"] == "FINISHED" for c in found)
+    assert all("graph.png" in {f.path for f in tracker.client.list_artifacts(c["run_id"])}
+               for c in found)
+
+
 # --- a real tracking server ---------------------------------------------------------------
 
 
@@ -222,7 +344,7 @@ def test_through_a_tracking_server(tmp_path):
         cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait_until_up(url, proc, timeout=60)
-        tracker = Tracker(url)
+        tracker = SearchTracker(url)
         parent = tracker.start_search("served", {"seed": 3}, {})
         run_id = _log(tracker, parent, "c1", "survivor", metrics={"grad_norm": float("inf")})
         tracker.end_search(parent)

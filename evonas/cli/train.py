@@ -9,12 +9,24 @@ ranked the layers. Re-running the same command after a crash or a kill resumes t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
-from evonas.fulltrain.config import DEFAULT_ARCHS, DEFAULT_BASELINES, DEFAULT_BATCH_SIZES
+from evonas.fulltrain.config import FullTrainConfig
 
-DEFAULT_EPOCHS = 30
+# Flags whose value, when given, is the FullTrainConfig field of the same name; a flag
+# not given leaves the field's default, written once, in the dataclass.
+_FIELDS = ("top", "baselines", "archs", "batch_sizes", "trials_per_layer", "epochs", "steps",
+           "reports", "width", "groups", "lr_range", "wd_range", "device", "bf16",
+           "channels_last", "cpus_per_trial", "gpus_per_trial", "workers", "max_retries",
+           "budget", "ray_address", "storage", "tracking_uri")
+
+
+def _default(name: str) -> str:
+    """A FullTrainConfig default as a flag would spell it: 128,8 for a tuple."""
+    value = {f.name: f.default for f in dataclasses.fields(FullTrainConfig)}[name]
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -48,68 +60,67 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "same command to resume after a crash.")
     p.add_argument("run_dir", metavar="RUN", help="the search's run folder")
     what = p.add_argument_group("what to train")
-    what.add_argument("--top", type=int, default=5, help="best survivors of the search (5)")
-    what.add_argument("--baselines", type=_names, default=DEFAULT_BASELINES,
-                      help=f"zoo layers, comma-separated, '' for none "
-                      f"({','.join(DEFAULT_BASELINES)})")
-    what.add_argument("--archs", type=_names, default=DEFAULT_ARCHS,
-                      help=f"architectures, comma-separated ({','.join(DEFAULT_ARCHS)})")
-    what.add_argument("--batch-sizes", type=_ints, default=DEFAULT_BATCH_SIZES,
-                      help="batch sizes, comma-separated (128,8)")
-    what.add_argument("--seeds", default="2", help="a count (2: seeds 0,1) or a list (0,3,7)")
-    what.add_argument("--trials-per-layer", type=int, default=8,
-                      help="Optuna trials per layer, architecture, batch size and seed (8)")
+    what.add_argument("--top", type=int, help=f"best survivors of the search ({_default('top')})")
+    what.add_argument("--baselines", type=_names, help=f"zoo layers, comma-separated, '' for "
+                      f"none ({_default('baselines')})")
+    what.add_argument("--archs", type=_names,
+                      help=f"architectures, comma-separated ({_default('archs')})")
+    what.add_argument("--batch-sizes", type=_ints,
+                      help=f"batch sizes, comma-separated ({_default('batch_sizes')})")
+    what.add_argument("--seeds", help=f"a count (2: seeds 0,1) or a list (0,3,7) "
+                      f"(seeds {_default('seeds')})")
+    what.add_argument("--trials-per-layer", type=int,
+                      help=f"Optuna trials per layer, architecture, batch size and seed "
+                      f"({_default('trials_per_layer')})")
     length = what.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=int, help=f"training length (default {DEFAULT_EPOCHS})")
+    length.add_argument("--epochs", type=int, help=f"training length ({_default('epochs')})")
     length.add_argument("--steps", type=int, help="training length in SGD steps instead")
-    what.add_argument("--reports", type=int, default=10,
-                      help="validation reports per trial with --steps (10)")
-    what.add_argument("--width", type=int, default=16, help="channels of the first stage (16)")
+    what.add_argument("--reports", type=int,
+                      help=f"validation reports per trial with --steps ({_default('reports')})")
+    what.add_argument("--width", type=int,
+                      help=f"channels of the first stage ({_default('width')})")
     what.add_argument("--groups", type=int, help="groups of grouped statistics (the space's)")
-    what.add_argument("--lr-range", type=_range, default=(0.01, 1.0),
-                      help="learning-rate range at batch 128, log scale (0.01,1)")
-    what.add_argument("--wd-range", type=_range, default=(1e-5, 1e-3),
-                      help="weight-decay range, log scale (1e-5,1e-3)")
+    what.add_argument("--lr-range", type=_range, help=f"learning-rate range at batch 128, "
+                      f"log scale ({_default('lr_range')})")
+    what.add_argument("--wd-range", type=_range,
+                      help=f"weight-decay range, log scale ({_default('wd_range')})")
     what.add_argument("--dataset", help="cifar10 or synthetic (default: the search's)")
     what.add_argument("--data-dir", help="CIFAR-10 folder (default: the search's, "
                       "$EVONAS_DATA_DIR)")
     how = p.add_argument_group("where and how")
-    how.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (auto)")
-    how.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
-    how.add_argument("--channels-last", action="store_true", help="channels_last memory format")
-    how.add_argument("--cpus-per-trial", type=float, default=1.0)
-    how.add_argument("--gpus-per-trial", type=float, default=0.0,
-                     help="GPU share per trial (0.25 packs four per GPU)")
+    how.add_argument("--device", help=f"auto, cpu, cuda or cuda:N ({_default('device')})")
+    how.add_argument("--bf16", action="store_true", default=None, help="bfloat16 autocast")
+    how.add_argument("--channels-last", action="store_true", default=None,
+                     help="channels_last memory format")
+    how.add_argument("--cpus-per-trial", type=float,
+                     help=f"CPUs per trial ({_default('cpus_per_trial')})")
+    how.add_argument("--gpus-per-trial", type=float, help=f"GPU share per trial, 0.25 packs "
+                     f"four per GPU ({_default('gpus_per_trial')})")
     how.add_argument("--workers", type=int, help="trials at once (default: what fits)")
-    how.add_argument("--max-retries", type=int, default=1,
-                     help="retries of a trial that raised or lost its worker (1)")
+    how.add_argument("--max-retries", type=int, help=f"retries of a trial that raised or lost "
+                     f"its worker ({_default('max_retries')})")
     how.add_argument("--budget", help="one budget for search plus full training: 2cpu-h, "
-                     "10gpu-h or 3h (default: none)")
-    how.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS"),
-                     help="Ray cluster (default: $RAY_ADDRESS, else a local Ray)")
+                     "10gpu-h (with --gpus-per-trial) or 3h (default: none)")
+    how.add_argument("--ray-address", help="Ray cluster (default: $RAY_ADDRESS, else a local Ray)")
     how.add_argument("--storage", help="where Tune keeps trials: a shared path or a bucket "
                      "URI on a cluster (default: RUN/fulltrain/tune)")
     how.add_argument("--tracking-uri", help="MLflow store (default: the search's)")
     p.set_defaults(run=run_train, command="train")
 
 
-def config_from_args(args, run):
-    """The FullTrainConfig the flags ask for; the search's dataset where none is given."""
-    from evonas.fulltrain.config import FullTrainConfig, parse_seeds
+def config_from_args(args, run) -> FullTrainConfig:
+    """The FullTrainConfig the flags ask for, over the dataclass defaults; the search's
+    dataset and data folder where none is given."""
+    from evonas.fulltrain.config import parse_seeds
 
-    epochs = args.epochs if args.epochs is not None or args.steps is not None else DEFAULT_EPOCHS
+    given = {name: getattr(args, name) for name in _FIELDS if getattr(args, name) is not None}
+    if args.seeds is not None:
+        given["seeds"] = parse_seeds(args.seeds)
+    if args.steps is not None:
+        given["epochs"] = None  # the length is given in steps
     data_dir = args.data_dir or run.config.data_dir or os.environ.get("EVONAS_DATA_DIR")
-    return FullTrainConfig(
-        top=args.top, baselines=args.baselines, archs=args.archs, batch_sizes=args.batch_sizes,
-        seeds=parse_seeds(args.seeds), trials_per_layer=args.trials_per_layer, epochs=epochs,
-        steps=args.steps, reports=args.reports, width=args.width, groups=args.groups,
-        lr_range=args.lr_range, wd_range=args.wd_range,
-        dataset=args.dataset or run.config.dataset,
-        data_dir=os.path.abspath(data_dir) if data_dir else None, device=args.device,
-        bf16=args.bf16, channels_last=args.channels_last, cpus_per_trial=args.cpus_per_trial,
-        gpus_per_trial=args.gpus_per_trial, workers=args.workers, max_retries=args.max_retries,
-        budget=args.budget, ray_address=args.ray_address, storage=args.storage,
-        tracking_uri=args.tracking_uri)
+    return FullTrainConfig(**given, dataset=args.dataset or run.config.dataset,
+                           data_dir=os.path.abspath(data_dir) if data_dir else None)
 
 
 def run_train(args) -> int:

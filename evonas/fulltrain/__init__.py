@@ -4,8 +4,8 @@ Where it sits: after a search (evonas/search/), `evonas train RUN` or `evonas se
 --full-train-top N` runs one stage here. The flow, file by file:
 
     config.py       FullTrainConfig: what to train and how, validated up front
-    stage.py        run_full_training: plan, budget, Ray, Tune, records, outputs, MLflow
-    cluster.py      the Ray connection: embedded loopback-only Ray, or a cluster
+    stage.py        run_full_training: plan, budget, Ray (runtime/cluster.py, as the
+                    search), Tune, records, outputs, MLflow
     tuning.py       the Tune plug-ins: per-group TPE studies and ASHA rungs, callbacks
     trainable.py    one trial: the Tune function trainable and its training loop
     leaderboard.py  mean and spread over seeds, Kendall tau of proxy vs full training

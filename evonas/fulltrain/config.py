@@ -16,11 +16,11 @@ learning rate and weight decay, so every layer gets the same tuning effort.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from typing import Any, Mapping
 
 from evonas.errors import EvonasError
+from evonas.runtime import checks
 
 DEFAULT_BASELINES = ("bn_relu", "gn_relu", "evonorm_b0", "evonorm_s0")
 DEFAULT_ARCHS = ("resnet20", "mobilenetv2_full")
@@ -97,7 +97,7 @@ class FullTrainConfig:
     # --- checks -----------------------------------------------------------------------
 
     def _check_plan(self) -> None:
-        _whole("--top", self.top, minimum=0)
+        checks.whole("--top", self.top, minimum=0)
         if self.top == 0 and not self.baselines:
             raise EvonasError("nothing to train: --top 0 and no --baselines; train at least "
                               "one layer")
@@ -106,51 +106,50 @@ class FullTrainConfig:
         if not self.batch_sizes:
             raise EvonasError("--batch-sizes needs at least one batch size, e.g. 128,8")
         for b in self.batch_sizes:
-            _whole("--batch-sizes: a batch size", b, minimum=1)
+            checks.whole("--batch-sizes: a batch size", b, minimum=1)
         if not self.seeds:
             raise EvonasError("--seeds needs at least one seed, e.g. 2 (seeds 0 and 1)")
         for s in self.seeds:
-            _whole("--seeds: a seed", s, minimum=0)
+            checks.whole("--seeds: a seed", s, minimum=0)
         for flag, values in (("--archs", self.archs), ("--batch-sizes", self.batch_sizes),
                              ("--seeds", self.seeds), ("--baselines", self.baselines)):
             if len(set(values)) != len(values):
                 raise EvonasError(f"{flag} lists a value twice: {','.join(map(str, values))}")
-        _whole("--trials-per-layer", self.trials_per_layer, minimum=1)
-        _whole("--max-retries", self.max_retries, minimum=0)
+        checks.whole("--trials-per-layer", self.trials_per_layer, minimum=1)
+        checks.whole("--max-retries", self.max_retries, minimum=0)
 
     def _check_length(self) -> None:
         if (self.epochs is None) == (self.steps is None):
             raise EvonasError("give the training length as --epochs or as --steps, not both")
         if self.epochs is not None:
-            _whole("--epochs", self.epochs, minimum=1)
+            checks.whole("--epochs", self.epochs, minimum=1)
         else:
-            _whole("--steps", self.steps, minimum=1)
-            _whole("--reports", self.reports, minimum=1)
-        _whole("--width", self.width, minimum=1)
+            checks.whole("--steps", self.steps, minimum=1)
+            checks.whole("--reports", self.reports, minimum=1)
+        checks.whole("--width", self.width, minimum=1)
         if self.groups is not None:
-            _whole("--groups", self.groups, minimum=1)
+            checks.whole("--groups", self.groups, minimum=1)
         if self.eval_size is not None:
-            _whole("--eval-size", self.eval_size, minimum=1)
+            checks.whole("--eval-size", self.eval_size, minimum=1)
         if self.asha_grace is not None:
-            _whole("ASHA grace period", self.asha_grace, minimum=1)
-        _whole("ASHA reduction factor", self.asha_reduction, minimum=2)
+            checks.whole("ASHA grace period", self.asha_grace, minimum=1)
+        checks.whole("ASHA reduction factor", self.asha_reduction, minimum=2)
 
     def _check_hyperparameters(self) -> None:
         for flag, (low, high) in (("--lr-range", self.lr_range), ("--wd-range", self.wd_range)):
-            if not (_real(low) and _real(high) and 0 < low < high):
+            if not (checks.real(low) and checks.real(high) and 0 < low < high):
                 raise EvonasError(f"{flag} must be two numbers 0 < low < high, got "
                                   f"{low!r},{high!r}")
-        if not (_real(self.momentum) and 0 <= self.momentum < 1):
+        if not (checks.real(self.momentum) and 0 <= self.momentum < 1):
             raise EvonasError(f"momentum must lie in [0, 1), got {self.momentum!r}")
-        if not (_real(self.warmup_fraction) and 0 <= self.warmup_fraction < 1):
+        if not (checks.real(self.warmup_fraction) and 0 <= self.warmup_fraction < 1):
             raise EvonasError(f"warmup fraction must lie in [0, 1), got {self.warmup_fraction!r}")
 
     def _check_resources(self) -> None:
-        if not (_real(self.cpus_per_trial) and self.cpus_per_trial > 0):
-            raise EvonasError(f"--cpus-per-trial must be > 0, got {self.cpus_per_trial!r}")
-        check_gpu_share(self.gpus_per_trial)
+        checks.positive("--cpus-per-trial", self.cpus_per_trial)
+        checks.gpu_share("--gpus-per-trial", self.gpus_per_trial)
         if self.workers is not None:
-            _whole("--workers", self.workers, minimum=1)
+            checks.whole("--workers", self.workers, minimum=1)
         if not isinstance(self.device, str) or not _DEVICE_RE.fullmatch(self.device):
             raise EvonasError(f"--device {self.device!r}: use auto, cpu, cuda or cuda:N")
         if self.device.startswith("cuda") and self.gpus_per_trial == 0:
@@ -164,23 +163,19 @@ class FullTrainConfig:
                 raise EvonasError(f"{flag} is a switch (true or false), got {value!r}")
 
     def _check_names(self) -> None:
-        """Architectures, zoo layers, dataset and budget exist (imports kept light)."""
+        """Architectures, zoo layers, dataset and budget exist (imports kept light), and
+        the budget can be spent by these trials."""
         from evonas.layers import zoo
-        from evonas.proxy.data import DATASETS
-        from evonas.proxy.models import ARCHS
 
-        for arch in self.archs:
-            if arch not in ARCHS:
-                raise EvonasError(f"--archs: unknown architecture {arch!r}; use any of "
-                                  f"{', '.join(ARCHS)}")
+        checks.archs("--archs", self.archs)
         for name in self.baselines:
-            if name not in zoo.names():
-                raise EvonasError(f"--baselines: unknown zoo layer {name!r}; use any of "
-                                  f"{', '.join(zoo.names())}")
-        if self.dataset not in DATASETS:
-            raise EvonasError(f"--dataset {self.dataset!r}: use one of {', '.join(DATASETS)}")
+            checks.known("--baselines", name, zoo.names(), "zoo layer")
+        checks.dataset("--dataset", self.dataset)
         if self.budget is not None:
-            stage_budget(self.budget, self.gpus_per_trial)
+            from evonas.search.budget import parse_budget
+
+            check_stage_budget(parse_budget(self.budget), self.gpus_per_trial,
+                               remote=self.ray_address)
 
     # --- derived values ---------------------------------------------------------------
 
@@ -264,41 +259,23 @@ def load_overrides(path: str) -> dict[str, Any]:
     return data
 
 
-def check_gpu_share(share: Any) -> None:
-    """A GPU share below 1 must split a GPU evenly; above 1 it must be whole.
+def check_stage_budget(budget, gpus_per_trial: float, *, remote: str | None = None) -> None:
+    """EvonasError when `budget` (a search.budget.Budget) cannot bound these trials: an
+    evaluation count says nothing about how long training may take, and a device budget
+    the trials never spend would not stop them (search/budget.py's check_spendable):
+    GPU trials and a cpu-h budget, CPU trials and a gpu-h one, a gpu-h budget on an
+    embedded Ray without GPUs. remote: the --ray-address, whose GPUs are checked once
+    connected (stage.py)."""
+    from evonas.runtime.cluster import remote_address
+    from evonas.runtime.limits import local_gpus
+    from evonas.search.budget import check_spendable
 
-    Ray's fractional GPUs are logical only: 0.3 would pack three trials on a GPU, each
-    capping its memory at 30%, and leave a tenth of every GPU unused.
-    """
-    if not (_real(share) and share >= 0):
-        raise EvonasError(f"--gpus-per-trial must be a number >= 0, got {share!r}")
-    if 0 < share < 1 and abs(1 / share - round(1 / share)) > 1e-9:
-        raise EvonasError(f"--gpus-per-trial {share:g} does not split a GPU evenly "
-                          f"(1/{share:g} = {1 / share:.2f}); use 1/k such as 0.5, 0.25 or 0.125")
-    if share > 1 and share != int(share):
-        raise EvonasError(f"--gpus-per-trial {share:g}: above 1 use whole GPUs, e.g. "
-                          f"{math.ceil(share)}")
-
-
-def stage_budget(text: str, gpus_per_trial: float):
-    """The Budget a --budget text gives full training, or EvonasError.
-
-    Device-hours must name the device the trials hold (a CPU budget is never spent by
-    GPU trials); wall time works either way; an evaluation count says nothing about how
-    long training may take.
-    """
-    from evonas.search.budget import parse_budget
-
-    budget = parse_budget(text)
     if budget.kind == "evals":
-        raise EvonasError(f"--budget {text}: a count of evaluations cannot bound full "
+        raise EvonasError(f"budget {budget} counts evaluations and cannot bound full "
                           f"training; give device-hours (2cpu-h, 10gpu-h) or wall time (3h)")
-    device = "gpu" if gpus_per_trial > 0 else "cpu"
-    if budget.kind == "device" and budget.device != device:
-        raise EvonasError(f"--budget {text} counts {budget.device.upper()}-hours but the "
-                          f"trials run on {device.upper()}s (--gpus-per-trial "
-                          f"{gpus_per_trial:g}); give {budget.amount / 3600:g}{device}-h")
-    return budget
+    counts = budget.kind == "device" and budget.device == "gpu" and gpus_per_trial > 0
+    here = None if not counts or remote_address(remote) is not None else local_gpus()
+    check_spendable(budget, gpus_per_trial, gpus=here, flag="--gpus-per-trial", tasks="trials")
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
@@ -316,15 +293,5 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     return tuple(values)
 
 
-def _whole(flag: str, value: Any, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise EvonasError(f"{flag} must be a whole number >= {minimum}, got {value!r}")
-
-
-def _real(value: Any) -> bool:
-    return (not isinstance(value, bool) and isinstance(value, (int, float))
-            and math.isfinite(value))
-
-
-__all__ = ["FullTrainConfig", "for_search", "check_gpu_share", "stage_budget", "parse_seeds",
+__all__ = ["FullTrainConfig", "for_search", "check_stage_budget", "parse_seeds",
            "LR_REFERENCE_BATCH", "DEFAULT_BASELINES", "DEFAULT_ARCHS", "DEFAULT_BATCH_SIZES"]

@@ -7,9 +7,11 @@ train RUN` and `evonas search --full-train-top N` both call it):
    survivors and the zoo baselines; one group per (layer, arch, batch size, seed); the
    Tune experiment's name, a hash of what is trained, so a re-run with the same
    settings resumes the same experiment;
-2. connect to Ray (cluster.py), then take the stage's lock in <run>/fulltrain/;
-3. proxy fitness for the baselines the search never scored (its own evaluation as Ray
-   tasks, once: kept in the stage's state), so the rank correlation covers every layer;
+2. connect to Ray (runtime/cluster.py, the search's own connection code: an embedded
+   loopback-only Ray or a cluster), then take the stage's lock in <run>/fulltrain/;
+3. proxy fitness for the baselines the search never scored (its own evaluation, through
+   the search's RayBackend, once: kept in the stage's state), so the rank correlation
+   covers every layer;
 4. Tune: one Tuner over all groups with a GroupedSearch (a TPE study per group, the same
    number of trials each) and a GroupedASHA (tuning.py), trials from trainable.py, each
    retried `max_retries` times after an error or a dead worker before it counts as
@@ -51,15 +53,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from evonas.search.budget import Ledger
+from evonas.search.budget import Ledger, cluster_check, parse_budget
 from evonas.errors import EvonasError
-from evonas.fulltrain.cluster import ray_connection, remote_address
-from evonas.fulltrain.config import LR_REFERENCE_BATCH, FullTrainConfig, stage_budget
+from evonas.fulltrain.config import LR_REFERENCE_BATCH, FullTrainConfig, check_stage_budget
 from evonas.fulltrain.leaderboard import leaderboard, proxy_correlation, table_rows, to_csv
 from evonas.fulltrain.trainable import train_layer, train_size
 from evonas.fulltrain.tuning import (LIVE, METRIC, MODE, BudgetStopper, Group, GroupedASHA,
                                      GroupedSearch, StageCallback, StageHooks,
                                      make_optuna_factory)
+from evonas.runtime.backends import Outcome, RayBackend, run_all
+from evonas.runtime.cluster import TaskShape, connected, fitting, remote_address
 from evonas.search.runfolder import RunFolder, atomic_write_json, atomic_write_text
 from evonas.search.results import Run, load_run
 
@@ -92,7 +95,7 @@ class Layer:
 
 def plan_layers(run: Run, config: FullTrainConfig) -> list[Layer]:
     """The top survivors (best mean proxy fitness first), then the baselines."""
-    from evonas.search.driver import mean_fitness
+    from evonas.search.state import mean_fitness
 
     layers = [Layer(c.candidate_id, c.candidate_id, c.genome, None, mean_fitness(ev))
               for c, ev in run.leaderboard(config.top)]
@@ -179,20 +182,19 @@ def _default_ledger(run_path: Path, config: FullTrainConfig,
         raw = RunFolder(run_path).read_state()
         ledger = Ledger.from_state(raw["ledger"])
     if config.budget is not None:
-        ledger.budget = stage_budget(config.budget, config.gpus_per_trial)
+        ledger.budget = parse_budget(config.budget)  # FullTrainConfig checked it
         return ledger, True
     return ledger, bool(saved and saved.get("gated"))
 
 
 def _check_ledger(ledger: Ledger, config: FullTrainConfig) -> None:
-    budget = ledger.budget
-    if budget.kind == "evals":
-        raise EvonasError(f"budget {budget} counts evaluations and cannot bound full training; "
-                          f"give device-hours (2cpu-h, 10gpu-h) or wall time (3h)")
-    if budget.kind == "device" and budget.device != config.device_kind:
-        raise EvonasError(f"budget {budget} counts {budget.device.upper()}-hours but the trials "
-                          f"run on {config.device_kind.upper()}s; give a "
-                          f"{config.device_kind}-h budget")
+    # The ledger's budget may be the search's: the same rule as a --budget given here.
+    check_stage_budget(ledger.budget, config.gpus_per_trial, remote=config.ray_address)
+
+
+def trial_shape(config: FullTrainConfig) -> TaskShape:
+    """What one trial (or one baseline's proxy run) holds, named as trials in messages."""
+    return TaskShape(config.cpus_per_trial, config.gpus_per_trial, "trial", "trial")
 
 
 # --- the live stage ---------------------------------------------------------------------
@@ -269,10 +271,8 @@ class Stage(StageHooks):
     # --- 3. baselines' proxy fitness --------------------------------------------------
 
     def score_baselines(self) -> None:
-        """Run the search's own evaluation on every baseline it has no proxy fitness for."""
-        import ray
-
-        from evonas.runtime.backends import run_task
+        """Run the search's own evaluation on every baseline it has no proxy fitness for,
+        through the search's backend, on the stage's Ray connection and resources."""
         from evonas.search.records import Candidate
 
         scores = self.state.setdefault("proxy", {})
@@ -284,26 +284,27 @@ class Stage(StageHooks):
         # The search's protocol on the stage's resources (a CPU-only stage has no GPU).
         search.update(cpus_per_eval=self.config.cpus_per_trial,
                       gpus_per_eval=self.config.gpus_per_trial)
-        task = ray.remote(run_task).options(num_cpus=self.config.cpus_per_trial,
-                                            num_gpus=self.config.gpus_per_trial, max_retries=1)
-        refs = {layer.name: task.remote(_evaluate_candidate, {
+        tasks = {layer.name: (_evaluate_candidate, {
             "candidate": Candidate(f"zoo_{layer.name}", layer.genome, None,
-                                   f"zoo:{layer.name}").to_dict(),
-            "config": search}, max(1, int(self.config.cpus_per_trial)), self.config.gpus_per_trial)
+                                   f"zoo:{layer.name}").to_dict(), "config": search})
             for layer in todo}
-        self.progress(f"fulltrain: proxy runs for {len(refs)} baselines the search never scored")
-        for name, ref in refs.items():
-            scores[name] = self._proxy_score(_outcome(ray, ref))
+        shape = trial_shape(self.config)
+        workers = min(len(tasks), self.config.workers or fitting(shape))
+        self.progress(f"fulltrain: proxy runs for {len(tasks)} baselines the search never scored")
+        with RayBackend(self.config.ray_address, workers, shape.cpus, shape.gpus,
+                        noun=shape.noun, flag=shape.flag) as backend:
+            for outcome in run_all(backend, tasks):
+                scores[outcome.task_id] = self._proxy_score(outcome)
         self.save()
 
-    def _proxy_score(self, outcome: dict) -> dict:
+    def _proxy_score(self, outcome: Outcome) -> dict:
         from evonas.search.records import SURVIVOR, Evaluation
 
-        if not outcome["ok"]:
-            self.ledger.charge(PROXY_STAGE, outcome["seconds"], self.config.device_share,
+        if not outcome.ok:
+            self.ledger.charge(PROXY_STAGE, outcome.seconds, self.config.device_share,
                                device=self.config.device_kind)
-            return {"fitness": None, "status": "failed", "reason": outcome["error"]}
-        ev = Evaluation.from_dict(outcome["value"])
+            return {"fitness": None, "status": "failed", "reason": outcome.error}
+        ev = Evaluation.from_dict(outcome.value)
         # The seconds of its stages, as the search charges its own evaluations: a fresh
         # worker's imports and dataset load are not the layer's cost.
         self.ledger.charge(PROXY_STAGE, sum(ev.stage_seconds.values()),
@@ -389,16 +390,6 @@ def _report_seconds(result: dict) -> float:
     return float(result.get("time_this_iter_s") or 0.0)
 
 
-def _outcome(ray, ref) -> dict:
-    """run_task's report, or a failed one when the worker itself died."""
-    from evonas.runtime.backends import reason
-
-    try:
-        return ray.get(ref)
-    except ray.exceptions.RayError as err:
-        return {"ok": False, "error": reason(err), "seconds": 0.0}
-
-
 def trial_name(trial) -> str:
     """Trial and folder name: the trial id first (records read it back), then the group."""
     c = trial.config
@@ -408,7 +399,7 @@ def trial_name(trial) -> str:
 
 def trial_record(result, layers: dict[str, Layer], state: dict) -> dict | None:
     """One trial's record from its Tune result: settings, status, scores, curve."""
-    from evonas.runtime.backends import reason
+    from evonas.runtime.reasons import reason
 
     cfg = result.config or {}
     if cfg.get("layer") not in layers:
@@ -530,11 +521,14 @@ def run_full_training(run_path: str, config: FullTrainConfig, ledger: Ledger | N
     if gated:
         _check_ledger(ledger, config)
     _check_startable(ledger, gated, saved, name)
-    if remote_address(config) is None:
+    if remote_address(config.ray_address) is None:
         from evonas.proxy.data import ensure_dataset
 
         ensure_dataset(config.dataset, config.data_dir)
-    with ray_connection(config):
+    admit = (cluster_check(ledger.budget, config.gpus_per_trial, flag="--gpus-per-trial",
+                           tasks="trials") if gated else None)
+    with connected(config.ray_address, trial_shape(config), workers=config.workers,
+                   admit=admit):
         folder.lock()
         try:
             return _run_locked(run, config, layers, groups, name, folder, ledger, gated,

@@ -37,6 +37,7 @@ from evonas.fulltrain.config import LR_REFERENCE_BATCH, FullTrainConfig
 from evonas.proxy.data import load_cifar10_test, load_dataset
 from evonas.proxy.models import build_model
 from evonas.proxy.train import ProxyConfig, _make_optimizer, lr_at, random_crop_flip
+from evonas.runtime.limits import limit_worker, task_device
 
 _CHECKPOINT_FILE = "trial.pt"
 # Synthetic data (smoke runs, tests): training images, and images held out, split in
@@ -158,27 +159,10 @@ def _mix(*values: int) -> int:
 
 def pick_device(settings: FullTrainConfig) -> torch.device:
     """CUDA when the trial holds GPUs (Ray then makes its GPU the only visible one),
-    unless --device says otherwise; CPU otherwise."""
-    wanted = settings.device
-    if wanted == "auto":
-        wanted = "cuda" if settings.gpus_per_trial > 0 else "cpu"
-    if wanted.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {wanted} requested but no CUDA device is visible to "
-                           f"this trial (CUDA_VISIBLE_DEVICES="
-                           f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
-    return torch.device(wanted)
-
-
-def limit_process(settings: FullTrainConfig, device: torch.device) -> None:
-    """Keep the trial inside its share: CPU threads, and GPU memory when packed.
-
-    Two torch processes with 2 threads each on 2 cores run 4x slower than one alone, so a
-    trial uses as many threads as CPUs it holds. Ray's GPU fractions are logical only: a
-    trial holding 0.25 of a GPU caps its own memory at a quarter.
-    """
-    torch.set_num_threads(max(1, int(settings.cpus_per_trial)))
-    if device.type == "cuda" and 0 < settings.gpus_per_trial < 1:
-        torch.cuda.set_per_process_memory_fraction(settings.gpus_per_trial, device)
+    unless --device names one; CPU otherwise. A trial that holds a GPU share on a host
+    without CUDA fails (limits.task_device): on the CPU it would be charged GPU time."""
+    kind = task_device(settings.gpus_per_trial)
+    return torch.device(kind if settings.device == "auto" else settings.device)
 
 
 def layer_norm_act(spec: TrialSpec, groups: int) -> Callable[..., nn.Module]:
@@ -328,7 +312,8 @@ def run_trial(spec: TrialSpec, reporter: Reporter, *, data: Splits | None = None
     """Train one trial to its end (or until the reporter's caller stops it); returns the
     last metrics. A diverged run reports accuracy 0 once and ends: a result, not an error."""
     device = pick_device(spec.settings)
-    limit_process(spec.settings, device)
+    limit_worker(int(spec.settings.cpus_per_trial), spec.settings.gpus_per_trial,
+                 device if device.type == "cuda" else None)
     data = data or load_splits(spec.settings)
     run = _Run(spec, data, device)
     state = reporter.restore()

@@ -24,38 +24,26 @@ Call order (every Backend):
 
 `fn` is a module-level function `fn(payload: dict) -> dict`, importable on the workers
 (evonas is installed on every worker), and both payload and result are JSON-safe dicts.
+The connection to Ray (cluster.py) and a worker's thread and GPU caps (limits.py) are
+shared with full training, which scores its baselines through a RayBackend too.
 Ray is imported only when a RayBackend starts, so `import evonas` stays fast.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
 import os
-import socket
 import time
-import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
-from evonas.errors import EvonasError
+from evonas.runtime import checks
+from evonas.runtime.cluster import Connection, Resources, TaskShape, connect, resources
+from evonas.runtime.limits import limit_worker, worker_name
+from evonas.runtime.reasons import one_line, reason
 
 EvalFn = Callable[[dict], dict]
-
-# Reasons are shown in one line of the progress display and stored in the run folder.
-_REASON_CHARS = 300
-# Payloads and results are small JSON dicts; Ray's default object store (30% of RAM)
-# would reserve shared memory that evaluations never use, on machines shared by many.
-_OBJECT_STORE_BYTES = 200 * 1024**2
-# The search's progress display owns the console: no worker output or Ray INFO lines on
-# the driver. Worker errors still come back, in the outcomes.
-_QUIET = {"log_to_driver": False, "logging_level": "ERROR"}
-# Where `ray get-auth-token --generate` and a token-enabled ray.init() keep the token.
-_DEFAULT_TOKEN_FILE = Path.home() / ".ray" / "auth_token"
 
 
 @dataclass(frozen=True)
@@ -118,6 +106,20 @@ class Backend(ABC):
         gpus_available."""
 
 
+def run_all(backend: Backend, tasks: dict[str, tuple[EvalFn, dict]]) -> Iterator[Outcome]:
+    """Run every task (task_id -> (fn, payload)) on a started backend, as many at once as
+    it has slots; yield each outcome as it comes back."""
+    queue = list(tasks.items())
+    pending = len(queue)
+    while pending:
+        while queue and backend.free_slots() > 0:
+            task_id, (fn, payload) = queue.pop(0)
+            backend.submit(task_id, fn, payload)
+        for outcome in backend.wait(timeout=None):
+            pending -= 1
+            yield outcome
+
+
 # ---------------------------------------------------------------------------- worker side
 
 
@@ -125,35 +127,22 @@ def run_task(fn: EvalFn, payload: dict, threads: int | None, gpu_share: float) -
     """Run one evaluation inside a worker and report it; never raises for fn's errors.
 
     Catching here rather than letting Ray wrap the exception keeps the reason one clean
-    line and still tells the driver how long fn ran and where.
+    line and still tells the driver how long fn ran and where. threads None: the caller's
+    process (inline), left as it is; otherwise the worker is capped to its share, and a
+    worker that holds a GPU share but sees no CUDA fails the task (limits.limit_worker).
     """
     started = time.perf_counter()
-    worker = f"{socket.gethostname()}:{os.getpid()}"
     try:
         if threads is not None:
-            _limit_worker(threads, gpu_share)
+            limit_worker(threads, gpu_share)
         value = fn(payload)
         _check_json_safe(value)
         result: dict[str, Any] = {"ok": True, "value": value}
     except (Exception, SystemExit) as err:  # sys.exit in a layer must not end the worker
         result = {"ok": False, "error": reason(err)}
-    result.update(seconds=time.perf_counter() - started, worker=worker,
+    result.update(seconds=time.perf_counter() - started, worker=worker_name(),
                   finished_at=time.time())
     return result
-
-
-def _limit_worker(threads: int, gpu_share: float) -> None:
-    """Keep a worker inside its share of the machine.
-
-    Two 2-thread torch jobs on 2 cores run 4x slower than one alone (OpenMP threads spin
-    against each other), so each worker uses as many threads as CPUs it holds. Ray's
-    GPU fractions are logical only: a packed evaluation caps its own GPU memory.
-    """
-    import torch
-
-    torch.set_num_threads(threads)
-    if 0 < gpu_share < 1 and torch.cuda.is_available():
-        torch.cuda.set_per_process_memory_fraction(gpu_share)
 
 
 def _check_json_safe(value: object) -> None:
@@ -172,20 +161,7 @@ def probe(payload: dict) -> dict:
     per-task overhead."""
     import torch
 
-    return {"worker": f"{socket.gethostname()}:{os.getpid()}",
-            "torch_threads": torch.get_num_threads(), "echo": payload}
-
-
-def reason(err: BaseException) -> str:
-    """One line for an exception: its type and the first line of its message, capped."""
-    lines = str(err).strip().splitlines()
-    text = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
-    return _one_line(text)
-
-
-def _one_line(text: str) -> str:
-    line = text.strip().splitlines()[0] if text.strip() else text
-    return line if len(line) <= _REASON_CHARS else line[: _REASON_CHARS - 3] + "..."
+    return {"worker": worker_name(), "torch_threads": torch.get_num_threads(), "echo": payload}
 
 
 def _outcome(task_id: str, result: dict) -> Outcome:
@@ -194,35 +170,6 @@ def _outcome(task_id: str, result: dict) -> Outcome:
 
 
 # ---------------------------------------------------------------------------- inline
-
-
-LOOPBACK = "127.0.0.1"
-_SINGLE_MACHINE_VAR = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-
-
-@contextlib.contextmanager
-def loopback_only() -> Iterator[None]:
-    """Start Ray's servers on 127.0.0.1 only (Ray binds every interface by default).
-
-    Ray honours this only through its single-machine switch."""
-    # Ray reads the switch into a module constant at import, and this process may have
-    # imported Ray before (a search ran first): set both, for the start-up only, so that a
-    # later connection to a real cluster from this process announces its real address.
-    # The GCS, raylet and workers inherit the variable and keep to 127.0.0.1 too.
-    from ray._private import ray_constants
-
-    saved_env = os.environ.get(_SINGLE_MACHINE_VAR)
-    saved_constant = ray_constants.ENABLE_RAY_CLUSTER
-    os.environ[_SINGLE_MACHINE_VAR] = "0"
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        yield
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = saved_constant
-        if saved_env is None:
-            os.environ.pop(_SINGLE_MACHINE_VAR, None)
-        else:
-            os.environ[_SINGLE_MACHINE_VAR] = saved_env
 
 
 class InlineBackend(Backend):
@@ -235,7 +182,7 @@ class InlineBackend(Backend):
     """
 
     def __init__(self, time_limit_s: float | None = None):
-        _check_time_limit(time_limit_s)
+        checks.time_limit("time limit", time_limit_s)
         self.time_limit_s = time_limit_s
         self._pending: list[tuple[str, EvalFn, dict]] = []
 
@@ -284,96 +231,82 @@ class RayBackend(Backend):
     """Evaluations as Ray tasks.
 
     address None and no RAY_ADDRESS: an embedded local Ray sized to the evaluations
-    (workers * cpus_per_eval CPUs), without dashboard, shut down with the backend.
-    address "auto", "host:port", "ray://host:port", or RAY_ADDRESS: connect to that
-    cluster; shutdown() disconnects and leaves it running. A process already connected
-    to Ray (ray.is_initialized()) keeps its connection: the backend uses it and leaves
-    it open.
+    (workers * cpus_per_eval CPUs), loopback only, without dashboard, shut down with the
+    backend. address "auto", "host:port", "ray://host:port", or RAY_ADDRESS: connect to
+    that cluster; shutdown() disconnects and leaves it running. A process already
+    connected to Ray (ray.is_initialized()) keeps its connection: the backend uses it and
+    leaves it open. cluster.py makes and checks the connection, for full training too.
 
     Each task holds cpus_per_eval CPUs and gpus_per_eval GPUs (0.25: four evaluations
     share a GPU) and is never retried by Ray: a crashed evaluation is reported and the
     search decides. time_limit_s counts from submit, so it includes queueing and the
     start of a fresh worker (about 1-2 s); past it the task is force-cancelled. env:
     environment variables for the evaluation workers (Ray runtime_env env_vars).
+    admit: called with the cluster's resources once connected; it raises EvonasError to
+    refuse a cluster the work cannot use (a gpu-h budget on a cluster without GPUs).
+    noun, flag: how messages name a task and its flags ("trial", "--gpus-per-trial").
     """
 
     def __init__(self, address: str | None = None, workers: int = 1,
                  cpus_per_eval: float = 1, gpus_per_eval: float = 0,
-                 time_limit_s: float | None = None, env: dict[str, str] | None = None):
-        _check_counts(workers, cpus_per_eval)
-        _check_gpu_share(gpus_per_eval)
-        _check_time_limit(time_limit_s)
-        self.address = address or os.environ.get("RAY_ADDRESS") or None
+                 time_limit_s: float | None = None, env: dict[str, str] | None = None,
+                 admit: Callable[[Resources], None] | None = None,
+                 noun: str = "evaluation", flag: str = "eval"):
+        checks.whole("--workers", workers, minimum=1,
+                     hint=" (use --workers 0 to run inline without Ray)")
+        checks.positive(f"--cpus-per-{flag}", cpus_per_eval)
+        checks.gpu_share(f"--gpus-per-{flag}", gpus_per_eval)
+        checks.time_limit("time limit", time_limit_s)
+        self.address = address
         self.workers = workers
-        self.cpus_per_eval = cpus_per_eval
-        self.gpus_per_eval = gpus_per_eval
+        self.shape = TaskShape(cpus_per_eval, gpus_per_eval, noun, flag)
         self.time_limit_s = time_limit_s
         self.env = dict(env or {})
+        self.admit = admit
         self._flights: dict[Any, _Flight] = {}  # ObjectRef -> flight
         self._task: Any = None  # the remote run_task, with this backend's options
-        self._owns_ray = False
-        self._started = False
+        self._connection: Connection | None = None
+
+    @property
+    def cpus_per_eval(self) -> float:
+        return self.shape.cpus
+
+    @property
+    def gpus_per_eval(self) -> float:
+        return self.shape.gpus
 
     # -- lifecycle
 
     def start(self) -> None:
-        if self._started:
+        if self._connection is not None:
             return
         import ray
 
-        if not ray.is_initialized():
-            self._connect(ray)
-            self._owns_ray = True
+        self._connection = connect(self.address, self.shape, workers=self.workers,
+                                   admit=self.admit)
         self._task = ray.remote(run_task).options(
             num_cpus=self.cpus_per_eval, num_gpus=self.gpus_per_eval, max_retries=0,
             # per task, not per job: also applies on a connection this backend reuses
             runtime_env={"env_vars": self.env} if self.env else None)
-        self._started = True
-        self._check_fits()
-
-    def _connect(self, ray: Any) -> None:
-        if self.address is None:
-            self._start_local(ray)
-        else:
-            self._connect_remote(ray)
-
-    def _start_local(self, ray: Any) -> None:
-        # "local", not None: ray.init(None) would join a cluster that anyone on this
-        # machine started with `ray start` (it reads /tmp/ray/ray_current_cluster).
-        # Token authentication is Ray's default for local clusters since 2.59.
-        with loopback_only():
-            ray.init(address="local", _node_ip_address=LOOPBACK,
-                     num_cpus=max(1, math.ceil(self.workers * self.cpus_per_eval)),
-                     num_gpus=None if self.gpus_per_eval else 0,  # None: detect real GPUs
-                     object_store_memory=_OBJECT_STORE_BYTES, include_dashboard=False, **_QUIET)
-
-    def _connect_remote(self, ray: Any) -> None:
-        _check_reachable(self.address)
-        _pass_token_through()
-        try:
-            ray.init(address=self.address, **_QUIET)
-        except Exception as err:  # Ray raises ConnectionError, RuntimeError, ...
-            raise EvonasError(_connect_failure(self.address, err)) from err
 
     def shutdown(self) -> None:
-        if not self._started:
+        if self._connection is None:
             return
         import ray
 
         for ref in list(self._flights):
             _force_cancel(ray, ref)
         self._flights.clear()
-        if self._owns_ray:
-            ray.shutdown()
-        self._started = self._owns_ray = False
+        self._connection.close()
+        self._connection = None
 
     # -- tasks
 
     def free_slots(self) -> int:
-        return self.workers - len(self._flights) if self._started else 0
+        return self.workers - len(self._flights) if self._connection is not None else 0
 
     def submit(self, task_id: str, fn: EvalFn, payload: dict) -> None:
-        if not self._started:
+        if self._connection is None:
             raise RuntimeError("RayBackend.submit before start()")
         _check_can_submit(self, task_id, [f.task_id for f in self._flights.values()])
         threads = max(1, int(self.cpus_per_eval))
@@ -424,33 +357,8 @@ class RayBackend(Backend):
                                     now - flight.submitted))
         return outcomes
 
-    # -- cluster
-
     def resources_summary(self) -> dict[str, float]:
-        import ray
-
-        total, available = ray.cluster_resources(), ray.available_resources()
-        return {"cpus_total": total.get("CPU", 0.0), "cpus_available": available.get("CPU", 0.0),
-                "gpus_total": total.get("GPU", 0.0), "gpus_available": available.get("GPU", 0.0)}
-
-    def _check_fits(self) -> None:
-        """Fail when no evaluation could ever be scheduled, warn when fewer than
-        `workers` can run at once. A remote cluster may still grow (autoscaler), so
-        there only a warning."""
-        have = self.resources_summary()
-        for kind, need in (("cpus", self.cpus_per_eval), ("gpus", self.gpus_per_eval)):
-            total = have[f"{kind}_total"]
-            if need > total:
-                message = (f"one evaluation needs {need:g} {kind[:-1].upper()}s but the Ray "
-                           f"cluster has {total:g}: lower --{kind}-per-eval or add nodes")
-                if self.address is None and self._owns_ray:
-                    self.shutdown()
-                    raise EvonasError(message)
-                warnings.warn(message + " (waiting for the autoscaler)", RuntimeWarning, stacklevel=3)
-            elif self.workers * need > total:
-                warnings.warn(f"{self.workers} workers x {need:g} {kind[:-1].upper()}s exceed "
-                              f"the cluster's {total:g}: at most {int(total // need)} "
-                              f"evaluations will run at once", RuntimeWarning, stacklevel=3)
+        return resources()
 
 
 def _force_cancel(ray: Any, ref: Any) -> None:
@@ -467,9 +375,9 @@ _DEATHS = ("WorkerCrashedError", "OutOfMemoryError", "NodeDiedError", "LocalRayl
 def _ray_reason(ray: Any, err: Exception) -> str:
     name = type(err).__name__
     if isinstance(err, ray.exceptions.WorkerCrashedError):
-        return _one_line(f"worker died: {str(err).strip() or name}")
+        return one_line(f"worker died: {str(err).strip() or name}")
     if name in _DEATHS:
-        return _one_line(f"worker died: {reason(err)}")
+        return one_line(f"worker died: {reason(err)}")
     if isinstance(err, ray.exceptions.RayTaskError) and err.cause is not None:
         return reason(err.cause)  # an error of the wrapper itself, e.g. fn not importable
     return reason(err)
@@ -479,101 +387,12 @@ def _limit_text(limit: float) -> str:
     return f"time limit {limit:g}s exceeded"
 
 
-def _check_reachable(address: str) -> None:
-    """Fail at once where nothing listens: ray.init retries an unreachable address for
-    about 14 minutes (20 attempts of ~40 s) before it gives up."""
-    if address == "auto":
-        return  # Ray finds the cluster itself
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
-        raise EvonasError(f"Ray address {address!r} is not host:port, ray://host:port or auto")
-    try:
-        socket.create_connection((host, int(port)), timeout=5).close()
-    except OSError as err:
-        raise EvonasError(f"nothing answers at Ray address {address} ({err.strerror or err}): "
-                          f"check the address (`ray status` on the head) and that the "
-                          f"cluster is up") from None
-
-
-# ---------------------------------------------------------------------------- tokens
-
-
-def _pass_token_through() -> None:
-    """Let this driver present the Ray auth token to a cluster it connects to.
-
-    Ray 2.60 turns token authentication on by default for clusters that ray.init()
-    starts, and `ray start` turns it on when a token exists (RAY_AUTH_TOKEN,
-    RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token). A driver connecting to an explicit
-    address sends the token only with RAY_AUTH_MODE=token, so with a token at hand and
-    no mode chosen we choose token: a cluster without authentication ignores it.
-    """
-    if os.environ.get("RAY_AUTH_MODE"):
-        return  # the user decided
-    if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
-            or _DEFAULT_TOKEN_FILE.is_file()):
-        return
-    os.environ["RAY_AUTH_MODE"] = "token"
-    _reload_ray_auth_config()
-
-
-def _reload_ray_auth_config() -> None:
-    # Ray reads RAY_AUTH_MODE into its C++ config once, at import: reload it the way
-    # Ray's own ray.init() does when it enables tokens for a local cluster.
-    try:
-        from ray._raylet import AuthenticationTokenLoader, Config
-
-        Config.initialize("")
-        AuthenticationTokenLoader.instance().reset_cache()
-    except (ImportError, AttributeError):
-        pass  # another Ray version; the connect error then says to set RAY_AUTH_MODE
-
-
-def _connect_failure(address: str, err: BaseException) -> str:
-    chain, cause = [], err
-    while cause is not None:
-        chain.append(str(cause))
-        cause = cause.__cause__
-    text = " ".join(chain)
-    if any(mark in text for mark in ("Unauthenticated", "InvalidAuthToken", "AuthenticationError")):
-        return (f"Ray at {address} refused this driver: token authentication failed; set "
-                f"RAY_AUTH_TOKEN to the cluster's token (`ray get-auth-token` on the head)")
-    return _one_line(f"cannot connect to Ray at {address} ({reason(err)}): check the "
-                     f"address (`ray status` on the head) and that the cluster runs this "
-                     f"Ray version")
-
-
-# ---------------------------------------------------------------------------- checks
-
-
-def _check_counts(workers: int, cpus_per_eval: float) -> None:
-    if not isinstance(workers, int) or workers < 1:
-        raise EvonasError(f"--workers {workers!r} must be a whole number >= 1 "
-                          f"(use --workers 0 to run inline without Ray)")
-    if not cpus_per_eval > 0:
-        raise EvonasError(f"--cpus-per-eval {cpus_per_eval:g} must be > 0, e.g. 1")
-
-
-def _check_gpu_share(share: float) -> None:
-    """A GPU share below 1 must split a GPU evenly (Ray does not enforce fractions, so
-    0.3 would pack three evaluations and leave a tenth of the memory cap unaccounted);
-    above 1 it must be whole."""
-    if share < 0:
-        raise EvonasError(f"--gpus-per-eval {share:g} must be >= 0")
-    if 0 < share < 1 and abs(1 / share - round(1 / share)) > 1e-6:
-        raise EvonasError(f"--gpus-per-eval {share:g} does not split a GPU evenly "
-                          f"(1/{share:g} = {1 / share:.2f}): use 1/k, e.g. 0.5, 0.25, 0.2 or 0.125")
-    if share > 1 and share != int(share):
-        raise EvonasError(f"--gpus-per-eval {share:g}: above 1 use whole GPUs, e.g. {math.ceil(share)}")
-
-
-def _check_time_limit(limit: float | None) -> None:
-    if limit is not None and not limit > 0:
-        raise EvonasError(f"time limit {limit:g}s must be > 0 seconds, or none")
-
-
 def _check_can_submit(backend: Backend, task_id: str, in_flight: list[str]) -> None:
     # Programming errors of the driver, not user input: plain exceptions.
     if backend.free_slots() <= 0:
         raise RuntimeError(f"submit({task_id!r}) with no free slot: wait() first")
     if task_id in in_flight:
         raise ValueError(f"task {task_id!r} is already in flight")
+
+
+__all__ = ["Backend", "RayBackend", "InlineBackend", "Outcome", "run_all", "run_task", "probe"]

@@ -1,31 +1,30 @@
-"""The search's record in MLflow: one parent run per search, one child run per candidate.
+"""MLflow for both stages: one experiment, parent runs, and child runs keyed by a tag, with
+every MLflow limit handled here once.
 
-Where it sits: the search driver owns the only Tracker. It opens the parent run when a
-search starts (or reopens it on --resume, then calls `reconcile`), logs each candidate
-once its Evaluation is final, logs progress summaries as stepped metrics, and ends the
-parent run. Workers never write here: SQLite takes one writer at a time, and one writer
+Where it sits: the lowest layer, knowing MLflow and nothing of layers, searches or trials.
+The search (evonas/search/tracking.py: a parent run per search, a child per candidate)
+and full training (evonas/fulltrain/tracking.py: a child per trial under the search's
+run) say what their runs hold; this module says how a run is written and read back.
+Only drivers write here, never workers: SQLite takes one writer at a time, and one writer
 also keeps the record in the driver's order.
 
 Everything goes through an explicit MlflowClient, never the fluent API (mlflow.start_run
 and friends keep a global active run, which a driver juggling many runs must not share).
 
-Run layout:
-
-    search run     tags evonas.kind=search and the caller's tags; the configuration as
-                   params (nested keys dotted) and as config.json; summary metrics per step
-    candidate run  tag mlflow.parentRunId (the UI nests it under the search), run name =
-                   the formula; tags evonas.*; metrics fitness.<arch>, fitness.mean,
-                   cost.<stage>_s, cost.total_s, cost.device_s, genome.nodes and the
-                   evaluation's own metrics; artifacts genome.json, formula.txt,
-                   formula.tex, layer.py (when exported), graph.png (unless pictures=False)
-
-A candidate run is marked FINISHED only after all of it is logged. A crash part-way
-leaves it RUNNING; `reconcile` deletes such runs on resume, so that every finished
-evaluation has exactly one FINISHED candidate run.
+A child run carries mlflow.parentRunId (the UI nests it under its parent), evonas.kind
+and its key tag (a ChildKind names both), and is marked FINISHED only after all of it is
+logged. A crash part-way leaves it RUNNING; `reconcile` deletes such runs, so that every
+key has at most one FINISHED run.
 
 MLflow's limits (ECOSYSTEM.md) are enforced here, never left to raise mid-search: keys
 are reduced to MLflow's characters and 250 chars, tag values cut at 8000 chars and param
-values at 6000 with a visible marker, batches kept to 100 params+tags / 1000 metrics.
+values at 6000 with a visible marker, batches kept to 100 params, 100 tags and 1000
+metrics.
+
+Threads: a driver may log from one background thread while its own thread writes reports
+through the same Tracker. The Tracker holds no state between calls but the client, and
+MLflow's stores take concurrent calls (the SQL store opens a session per call and SQLite
+makes a second writer wait), so no lock of its own is needed.
 """
 
 from __future__ import annotations
@@ -35,22 +34,20 @@ import os
 import re
 import tempfile
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, Union
 from urllib.parse import unquote
 
-from mlflow.entities import Metric, Param, ViewType
+from mlflow.entities import Metric, Param, RunTag, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from evonas.layers.drawing import draw_genome
 from evonas.errors import EvonasError
-from evonas.layers.genome import Genome
-from evonas.search.records import Candidate, Evaluation
 
 PARENT_TAG = "mlflow.parentRunId"
 KIND_TAG = "evonas.kind"
-CANDIDATE_TAG = "evonas.candidate_id"
 FINISHED = "FINISHED"
 
 # MLflow's limits (mlflow.utils.validation), restated so the numbers are visible here.
@@ -66,26 +63,37 @@ RUN_NAME_CHARS = 80
 # takes ':' except on Windows, and '/' where it does not make the key a different path).
 _BAD_KEY_CHARS = re.compile(r"[^A-Za-z0-9_.\- ]")
 
+# Metrics: name -> value (all at one step), or (name, value, step) triples for curves.
+Metrics = Union[Mapping[str, float], Iterable[tuple[str, float, int]]]
+# Writes more artifact files (a picture) into the folder it is given.
+Draw = Callable[[Path], object]
+
+
+@dataclass(frozen=True)
+class ChildKind:
+    """A kind of child run: its evonas.kind value and the tag holding its key (one run per
+    key, e.g. evonas.candidate_id for candidates, evonas.trial_id for trials)."""
+
+    kind: str
+    key_tag: str
+
 
 class Tracker:
-    """Writes a search and its candidates to one MLflow experiment.
+    """One MLflow experiment's parent and child runs, written within MLflow's limits.
 
-    Call order: start_search (or resume_search then reconcile), then log_candidate for
-    each finished evaluation and log_summary now and then, and end_search.
+    Call order: start_parent (or resume, then reconcile), log_child per finished piece
+    of work and log_metrics / log_text on the parent now and then, and end.
     """
 
     def __init__(self, tracking_uri: str, experiment: str = "evonas", *,
-                 artifact_location: str | None = None, pictures: bool = True):
+                 artifact_location: str | None = None):
         """Open the store and the experiment, creating the experiment if absent.
 
         artifact_location applies only when the experiment is created. For a
         sqlite:/// store it defaults to artifacts/mlflow beside the database file, so a
-        run folder (runfolder.py) holds its artifacts; otherwise the server decides.
-        pictures=False skips graph.png, most of a candidate's logging time (about 80 of
-        100 ms on a SQLite store), for searches that reject candidates faster than that.
+        run folder (search/runfolder.py) holds its artifacts; otherwise the server decides.
         """
         self.tracking_uri = tracking_uri
-        self.pictures = pictures
         # Against a tracking server MLflow prints two "View run ... at" lines for every run
         # it terminates, after a get_run round trip: thousands of lines on the driver's
         # console. setdefault: a user who set the variable keeps their choice.
@@ -111,120 +119,112 @@ class Tracker:
                               f"{exp.experiment_id}) or choose another experiment name")
         return exp.experiment_id
 
-    # --- the search run -----------------------------------------------------------------
+    # --- parent runs --------------------------------------------------------------------
 
-    def start_search(self, run_name: str, config: dict, tags: dict) -> str:
-        """Create the search's parent run; returns its run id."""
-        run_tags = {_key(k): _truncate(str(v), MAX_TAG_VALUE) for k, v in tags.items()}
-        run_tags[KIND_TAG] = "search"
-        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=run_tags)
-        run_id = run.info.run_id
-        params = [Param(k, v) for k, v in _flatten(config).items()]
-        for chunk in _chunks(params, MAX_PARAMS_TAGS_PER_BATCH):
-            self.client.log_batch(run_id, params=chunk, synchronous=True)
-        # The params are cut to MLflow's limit; the file keeps the whole configuration.
-        self.client.log_text(run_id, json.dumps(config, indent=2, default=str), "config.json")
+    def start_parent(self, name: str, kind: str, *, tags: Mapping[str, Any] | None = None,
+                     params: Mapping[str, Any] | None = None,
+                     texts: Mapping[str, str] | None = None) -> str:
+        """Create a top-level run, left RUNNING; returns its run id. params may nest:
+        nested keys are dotted."""
+        with _artifact_folder(texts, None) as folder:
+            run_id = self._create(name, {**(tags or {}), KIND_TAG: kind})
+            self._write(run_id, params, None, 0, folder)
         return run_id
 
-    def resume_search(self, parent_run_id: str) -> None:
-        """Mark the search's run RUNNING again (a resumed search continues the same run)."""
-        self.client.update_run(parent_run_id, status="RUNNING")
+    def resume(self, run_id: str) -> None:
+        """Mark a run RUNNING again (a resumed search continues the same run)."""
+        self.client.update_run(run_id, status="RUNNING")
 
-    def log_summary(self, parent_run_id: str, metrics: dict[str, float], step: int) -> None:
-        """Progress (best fitness so far, evaluated count, budget spent) at `step`: stepped
-        metrics, so the UI plots them against the step."""
-        now = _now_ms()
-        entries = [Metric(_key(k), float(v), now, step) for k, v in metrics.items()]
-        self._log_metrics(parent_run_id, entries)
+    def end(self, run_id: str, status: str = FINISHED) -> None:
+        """Close a run: FINISHED, FAILED or KILLED."""
+        self.client.set_terminated(run_id, status)
 
-    def log_artifact_text(self, parent_run_id: str, name: str, text: str) -> None:
-        self.client.log_text(parent_run_id, text, name)
+    def log_metrics(self, run_id: str, metrics: Metrics, step: int = 0) -> None:
+        """Metrics of a mapping are logged at `step`, so the UI plots them against it."""
+        self._write(run_id, None, metrics, step, None)
 
-    def end_search(self, parent_run_id: str, status: str = FINISHED) -> None:
-        """Close the search's run: FINISHED, FAILED or KILLED."""
-        self.client.set_terminated(parent_run_id, status)
+    def log_text(self, run_id: str, name: str, text: str) -> None:
+        """One text artifact; a later call with the same name replaces it."""
+        self.client.log_text(run_id, text, name)
 
-    # --- candidate runs -----------------------------------------------------------------
+    # --- child runs ---------------------------------------------------------------------
 
-    def log_candidate(self, parent_run_id: str, candidate: Candidate, evaluation: Evaluation,
-                      *, genome: Genome, formula: str, latex: str, source: str | None) -> str:
-        """Log one candidate as a child run of the search; returns its run id.
+    def log_child(self, parent_run_id: str, kind: ChildKind, key: str, name: str, *,
+                  tags: Mapping[str, Any] | None = None,
+                  params: Mapping[str, Any] | None = None, metrics: Metrics | None = None,
+                  texts: Mapping[str, str] | None = None, draw: Draw | None = None) -> str:
+        """Log one child run of `kind` under the parent; returns its run id.
 
-        source is the exported layer (export.export_source), None where there is none
-        (failed candidates). The run is FINISHED only once everything is logged.
+        texts: artifact name -> content; draw(folder) adds files of its own (a picture).
+        All of it goes to the store in one artifact upload; the run is FINISHED last.
         """
-        # All tags (about a dozen) go with the creation: one store call fewer.
-        tags = {PARENT_TAG: parent_run_id, KIND_TAG: "candidate",
-                **_candidate_tags(candidate, evaluation, genome)}
-        run = self.client.create_run(self.experiment_id, run_name=_run_name(formula), tags=tags)
-        run_id = run.info.run_id
-        self._log_metrics(run_id, _candidate_metrics(evaluation, genome, _now_ms()))
-        self._log_candidate_files(run_id, evaluation, genome, formula, latex, source)
-        self.client.set_terminated(run_id, FINISHED)
+        run_tags = {PARENT_TAG: parent_run_id, KIND_TAG: kind.kind, kind.key_tag: key,
+                    **(tags or {})}
+        with _artifact_folder(texts, draw) as folder:
+            run_id = self._create(name, run_tags)
+            self._write(run_id, params, metrics, 0, folder)
+            self.client.set_terminated(run_id, FINISHED)
         return run_id
 
-    def _log_candidate_files(self, run_id: str, evaluation: Evaluation, genome: Genome,
-                             formula: str, latex: str, source: str | None) -> None:
-        # One prepared folder, one log_artifacts call: log_text per file would resolve the
-        # artifact store and write each file through a temp folder of its own.
-        with tempfile.TemporaryDirectory(prefix="evonas-artifacts-") as tmp:
-            folder = Path(tmp)
-            files = {"genome.json": genome.to_json() + "\n",
-                     "formula.txt": formula + "\n", "formula.tex": latex + "\n"}
-            if source is not None:
-                files["layer.py"] = source
-            reason = evaluation.reject_reason or ""
-            if len(reason) > MAX_TAG_VALUE:
-                files["reject_reason.txt"] = reason  # the tag holds only its beginning
-            for name, text in files.items():
-                (folder / name).write_text(text, encoding="utf-8")
-            if self.pictures:
-                draw_genome(genome, folder / "graph.png", title=evaluation.candidate_id)
-            self.client.log_artifacts(run_id, tmp)
+    def reconcile(self, parent_run_id: str, kind: ChildKind,
+                  finished: set[str] | None = None) -> dict[str, str]:
+        """Make the parent's children of `kind` agree with the caller's state after a crash.
 
-    def _log_metrics(self, run_id: str, metrics: Sequence[Metric]) -> None:
-        for chunk in _chunks(metrics, MAX_METRICS_PER_BATCH):
-            self.client.log_batch(run_id, metrics=chunk, synchronous=True)
-
-    # --- reading back -------------------------------------------------------------------
-
-    def reconcile(self, parent_run_id: str, finished: set[str]) -> set[str]:
-        """Make the candidate runs agree with the driver's state after a resume.
-
-        finished: the candidate ids whose evaluations the driver's state counts as
-        finished. Deleted: every candidate run not FINISHED (a crash mid-logging), every
-        FINISHED run after the first of the same candidate, and every run of a candidate
-        outside `finished` (logged just before a crash that lost its state update; the
-        driver evaluates it again and logs it then). Returns the ids in `finished` that
-        now have exactly one FINISHED run; the driver logs the others.
+        Deleted: every such run not FINISHED (a crash mid-logging), every FINISHED run after
+        the first of the same key, and, when `finished` is given, every run whose key is
+        outside it (logged just before a crash that lost the caller's state update; the
+        caller does that work again and logs it then). Returns key -> run id of the runs
+        kept: the caller logs the keys missing from it.
         """
         kept: dict[str, str] = {}
-        # Read all before deleting any: the SQL store pages by offset, and deleting runs
-        # between pages would shift later runs past the next page's start.
-        runs = list(self._children(parent_run_id, "", ["attributes.start_time ASC"]))
-        for run in runs:
-            cid = run.data.tags.get(CANDIDATE_TAG)
-            keep = (run.info.status == FINISHED and cid in finished and cid not in kept)
-            if keep:
-                kept[cid] = run.info.run_id
+        # Read all before deleting any: the SQL store pages by offset, and deleting
+        # runs between pages would shift later runs past the next page's start.
+        for run in list(self._children(parent_run_id, kind, "", None)):
+            key = run.data.tags.get(kind.key_tag)
+            if (run.info.status == FINISHED and key is not None and key not in kept
+                    and (finished is None or key in finished)):
+                kept[key] = run.info.run_id
             else:
                 self.client.delete_run(run.info.run_id)
-        return set(kept)
+        return kept
 
-    def candidates(self, parent_run_id: str, filter: str = "",
-                   order_by: list[str] | None = None) -> list[dict[str, Any]]:
-        """The search's candidate runs as flat dicts, oldest first unless order_by says.
+    def children(self, parent_run_id: str, kind: ChildKind | None = None, filter: str = "",
+                 order_by: list[str] | None = None) -> list[dict[str, Any]]:
+        """The parent's child runs (of `kind`, or all) as flat dicts, oldest first unless
+        order_by says.
 
         filter: an extra MLflow filter, e.g. "tags.`evonas.status` = 'survivor'" (dotted
         names need backticks). Each dict has run_id, run_name, run_status, start_time,
         artifact_uri, metrics (a dict) and the evonas.* tags without their prefix
-        (candidate_id, status, genome_hash, ...).
+        (kind, candidate_id, status, ...).
         """
-        return [_flat(run) for run in self._children(parent_run_id, filter, order_by)]
+        return [_flat(run) for run in self._children(parent_run_id, kind, filter, order_by)]
 
-    def _children(self, parent_run_id: str, filter: str,
+    # --- the store calls ----------------------------------------------------------------
+
+    def _create(self, name: str, tags: Mapping[str, Any]) -> str:
+        """A run with its first tags; tags past one batch's worth follow in batches."""
+        entries = _tags(tags)
+        first = {t.key: t.value for t in entries[:MAX_PARAMS_TAGS_PER_BATCH]}
+        run = self.client.create_run(self.experiment_id, run_name=_run_name(name), tags=first)
+        for chunk in _chunks(entries[MAX_PARAMS_TAGS_PER_BATCH:], MAX_PARAMS_TAGS_PER_BATCH):
+            self.client.log_batch(run.info.run_id, tags=chunk, synchronous=True)
+        return run.info.run_id
+
+    def _write(self, run_id: str, params: Mapping[str, Any] | None, metrics: Metrics | None,
+               step: int, folder: str | None) -> None:
+        for chunk in _chunks(_params(params or {}), MAX_PARAMS_TAGS_PER_BATCH):
+            self.client.log_batch(run_id, params=chunk, synchronous=True)
+        for chunk in _chunks(_metrics(metrics or {}, step), MAX_METRICS_PER_BATCH):
+            self.client.log_batch(run_id, metrics=chunk, synchronous=True)
+        if folder is not None:
+            self.client.log_artifacts(run_id, folder)
+
+    def _children(self, parent_run_id: str, kind: ChildKind | None, filter: str,
                   order_by: list[str] | None) -> Iterator:
         query = f"tags.{PARENT_TAG} = '{parent_run_id}'"
+        if kind is not None:
+            query += f" and tags.`{KIND_TAG}` = '{kind.kind}'"
         if filter:
             query += f" and {filter}"
         token = None
@@ -239,58 +239,47 @@ class Tracker:
                 return
 
 
-# --- what a candidate run holds -----------------------------------------------------------
-
-
-def _candidate_tags(candidate: Candidate, evaluation: Evaluation,
-                    genome: Genome) -> dict[str, str]:
-    """Tags with a value; absent ones (no parent, no rejection) are left out, not empty."""
-    values = {
-        CANDIDATE_TAG: candidate.candidate_id,
-        "evonas.status": evaluation.status,
-        "evonas.reject_stage": evaluation.reject_stage,
-        "evonas.reject_reason": evaluation.reject_reason,
-        "evonas.genome_hash": genome.structural_hash,
-        "evonas.fingerprint": candidate.fingerprint,
-        "evonas.parent_id": candidate.parent_id,
-        "evonas.mutation": candidate.mutation,
-        "evonas.duplicate_of": evaluation.duplicate_of,
-        "evonas.device": evaluation.device,
-        "evonas.worker": evaluation.worker,
-    }
-    return {k: _truncate(str(v), MAX_TAG_VALUE) for k, v in values.items() if v}
-
-
-def _candidate_metrics(evaluation: Evaluation, genome: Genome, now: int) -> list[Metric]:
-    values: dict[str, float] = {}
-    fitness = evaluation.fitness or {}
-    for arch, value in fitness.items():
-        values[f"fitness.{arch}"] = value
-    if fitness:
-        values["fitness.mean"] = sum(fitness.values()) / len(fitness)
-    for stage, seconds in evaluation.stage_seconds.items():
-        values[f"cost.{stage}_s"] = seconds
-    values["cost.total_s"] = evaluation.seconds
-    values["cost.device_s"] = evaluation.seconds * evaluation.share
-    values["genome.nodes"] = len(genome)
-    values.update(evaluation.metrics)
-    # Keys reduced to MLflow's characters could meet; the last value of a key wins.
-    metrics = {_key(k): float(v) for k, v in values.items()}
-    return [Metric(k, v, now, 0) for k, v in metrics.items()]
-
-
-def _flat(run) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "run_id": run.info.run_id, "run_name": run.info.run_name,
-        "run_status": run.info.status, "start_time": run.info.start_time,
-        "artifact_uri": run.info.artifact_uri, "metrics": dict(run.data.metrics),
-    }
-    out.update({k[len("evonas."):]: v for k, v in run.data.tags.items()
-                if k.startswith("evonas.")})
-    return out
+@contextmanager
+def _artifact_folder(texts: Mapping[str, str] | None, draw: Draw | None) -> Iterator[str | None]:
+    """A temporary folder holding a run's text files and drawings, or None when there are
+    none. One folder, one log_artifacts call: log_text per file would resolve the artifact
+    store and write each file through a temporary folder of its own."""
+    if not texts and draw is None:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="evonas-artifacts-") as tmp:
+        for name, text in (texts or {}).items():
+            path = Path(tmp) / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+        if draw is not None:
+            draw(Path(tmp))
+        yield tmp
 
 
 # --- MLflow's limits --------------------------------------------------------------------
+
+
+def _tags(tags: Mapping[str, Any]) -> list[RunTag]:
+    """Tags with a value, in the caller's order; absent ones (None, '') are left out, not
+    stored empty. Keys reduced to MLflow's characters could meet: the last value wins."""
+    values = {_key(k): _truncate(str(v), MAX_TAG_VALUE)
+              for k, v in tags.items() if v is not None and v != ""}
+    return [RunTag(k, v) for k, v in values.items()]
+
+
+def _params(params: Mapping[str, Any]) -> list[Param]:
+    return [Param(k, v) for k, v in _flatten(params).items()]
+
+
+def _metrics(metrics: Metrics, step: int) -> list[Metric]:
+    """Keys reduced to MLflow's characters could meet: the last value of a key at a step
+    wins (MLflow refuses a batch that holds two)."""
+    if isinstance(metrics, Mapping):
+        metrics = [(k, v, step) for k, v in metrics.items()]
+    values = {(_key(k), int(s)): float(v) for k, v, s in metrics}
+    now = _now_ms()
+    return [Metric(k, v, now, s) for (k, s), v in values.items()]
 
 
 def _key(name: str) -> str:
@@ -309,19 +298,19 @@ def _truncate(text: str, limit: int) -> str:
     return text[:limit - len(marker)] + marker
 
 
-def _run_name(formula: str) -> str:
+def _run_name(name: str) -> str:
     # One line (a formula that names shared nodes has several), then cut for the UI.
-    text = " ".join(formula.split()) or "candidate"
+    text = " ".join(name.split()) or "run"
     return text if len(text) <= RUN_NAME_CHARS else text[:RUN_NAME_CHARS - 1] + "\u2026"
 
 
-def _flatten(config: dict, prefix: str = "") -> dict[str, str]:
+def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """Nested dicts as dotted keys; values as JSON text (strings as they are), cut to
     MLflow's param limit. An empty dict stays visible as '{}'."""
     out: dict[str, str] = {}
     for k, v in config.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
+        if isinstance(v, Mapping) and v:
             out.update(_flatten(v, key + "."))
         else:
             text = v if isinstance(v, str) else json.dumps(v, default=str)
@@ -331,6 +320,17 @@ def _flatten(config: dict, prefix: str = "") -> dict[str, str]:
 
 def _chunks(items: Sequence, size: int) -> Iterable[Sequence]:
     return (items[i:i + size] for i in range(0, len(items), size))
+
+
+def _flat(run) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "run_id": run.info.run_id, "run_name": run.info.run_name,
+        "run_status": run.info.status, "start_time": run.info.start_time,
+        "artifact_uri": run.info.artifact_uri, "metrics": dict(run.data.metrics),
+    }
+    out.update({k[len("evonas."):]: v for k, v in run.data.tags.items()
+                if k.startswith("evonas.")})
+    return out
 
 
 def _now_ms() -> int:
@@ -348,3 +348,8 @@ def _artifacts_beside(tracking_uri: str) -> str | None:
     if not path or path == ":memory:":
         return None
     return (Path(path).absolute().parent / "artifacts" / "mlflow").as_uri()
+
+
+__all__ = ["Tracker", "ChildKind", "PARENT_TAG", "KIND_TAG", "FINISHED", "MAX_KEY",
+           "MAX_PARAM_VALUE", "MAX_TAG_VALUE", "MAX_PARAMS_TAGS_PER_BATCH",
+           "MAX_METRICS_PER_BATCH", "RUN_NAME_CHARS"]

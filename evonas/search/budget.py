@@ -6,7 +6,9 @@ used at every stage it went through, and counted once at the stage where it stop
 controller asks `can_start` before it launches an evaluation, stores `to_state()` in the
 run folder's state.json after every finished evaluation, and prints `format_summary()`
 at the end. A device budget is split between the search and the final full training of
-the best layers with `Budget.split`.
+the best layers with `Budget.split`. `check_spendable` refuses, before any work, a device
+budget the evaluations or trials could never spend (CPU work under a gpu-h budget, a
+gpu-h budget where there is no GPU): such a search would never stop.
 
 Accepted budget texts (case and spaces between number and unit do not matter):
 
@@ -136,6 +138,50 @@ def parse_budget(text: str) -> Budget:
     if not number.is_integer():
         raise _invalid(text, "an evaluation count must be a whole number")
     return Budget("evals", number)
+
+
+def check_spendable(budget: Budget, gpu_share: float, *, gpus: float | None,
+                    inline: bool = False, flag: str = "--gpus-per-eval",
+                    tasks: str = "evaluations", where: str = "this machine") -> None:
+    """Refuse a device budget the work could never spend; EvonasError naming the fix.
+
+    A device budget is spent only by charges on its own device (Ledger.charge), and
+    tasks are charged on the device they hold: CPU tasks never spend a gpu-h budget,
+    GPU tasks never spend a cpu-h one, and such a search would run until killed.
+    gpu_share: GPUs one task holds (flag names it); inline: tasks run in this process,
+    which holds no GPU (--workers 0); gpus: GPUs where the tasks run (this machine's
+    for an embedded Ray, a cluster's once connected: `where` names it), None where not
+    known yet (a cluster before connecting). Wall-time and evaluation budgets bind
+    whatever the tasks hold.
+    """
+    if budget.kind != "device":
+        return
+    if budget.device == "cpu":
+        if gpu_share > 0:
+            raise EvonasError(f"a cpu-h budget is never spent by {tasks} that hold a GPU "
+                              f"({flag} {gpu_share:g}): budget in gpu-h (--budget "
+                              f"{_plain(budget.amount / 3600.0)}gpu-h), or drop {flag}")
+        return
+    hint = "or budget in cpu-h or wall time"
+    if gpu_share == 0:
+        raise EvonasError(f"a gpu-h budget needs {tasks} that hold a GPU: pass {flag} 0.25 "
+                          f"(and a machine or cluster with GPUs), {hint}")
+    if inline:
+        raise EvonasError(f"a gpu-h budget is never spent with --workers 0 ({tasks} in this "
+                          f"process hold no GPU): pass --workers 1 or more, {hint}")
+    if gpus is not None and gpus <= 0:
+        raise EvonasError(f"a gpu-h budget needs a GPU but {where} has none: run where "
+                          f"GPUs are (--ray-address of a cluster with GPUs), {hint}")
+
+
+def cluster_check(budget: Budget, gpu_share: float, *, flag: str = "--gpus-per-eval",
+                  tasks: str = "evaluations") -> Callable[[dict], None]:
+    """check_spendable against a Ray cluster's GPUs, known once connected: the `admit`
+    hook of runtime.cluster.connect (RayBackend, the full-training stage)."""
+    def admit(resources: dict) -> None:
+        check_spendable(budget, gpu_share, gpus=resources["gpus_total"], flag=flag,
+                        tasks=tasks, where="the Ray cluster")
+    return admit
 
 
 def _invalid(text: str, reason: str = "") -> EvonasError:
