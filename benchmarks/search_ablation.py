@@ -70,7 +70,12 @@ def phase_search(args) -> None:
 
 
 def _load(run: Path) -> dict:
-    return json.loads((run / "state.json").read_text())
+    """state.json with the journal's evaluations (search/state.py)."""
+    from evonas.search.runfolder import RunFolder
+    from evonas.search.state import read
+
+    raw, finished = read(RunFolder.open(run, lock=False))
+    return {**raw, "evaluations": {k: e.to_dict() for k, e in finished.evaluations.items()}}
 
 
 def _curve(state: dict) -> tuple[list[float], list[float]]:

@@ -4,4 +4,6 @@ import sys
 
 from evonas.cli import main
 
-sys.exit(main())
+# Guarded: processes started by spawn (the search's MLflow writer) import this module again.
+if __name__ == "__main__":
+    sys.exit(main())

@@ -27,7 +27,9 @@ from evonas.layers.mutation import random_genome
 from evonas.search.records import DUPLICATE, FAILED, REJECTED, SURVIVOR, Candidate, Evaluation
 from evonas.search.runfolder import RunFolder
 from evonas.search.config import SearchConfig
-from evonas.search.driver import STATE_FORMAT, Search, SearchState
+from evonas.search import state as records
+from evonas.search.driver import Search
+from evonas.search.state import Journal, SearchState
 from evonas.search.results import load_run
 from evonas.layers.space import load_space
 
@@ -74,10 +76,10 @@ def make_run(path: Path, *, mlflow: bool = False, controller: str = "evolution",
     state = SearchState()
     tracker = None
     if mlflow:
-        from evonas.runtime.tracking import Tracker
+        from evonas.search.tracking import SearchTracker
 
-        tracker = Tracker(folder.tracking_uri,
-                          artifact_location=str(folder.artifacts_dir / "mlflow"))
+        tracker = SearchTracker(folder.tracking_uri,
+                                artifact_location=str(folder.artifacts_dir / "mlflow"))
         state.parent_run_id = tracker.start_search(path.name, config.to_dict(),
                                                    {"evonas.run_folder": str(path)})
     for cid, name, parent, mutation, status, fitness, stage, reason, seconds, device, share in rows:
@@ -87,14 +89,18 @@ def make_run(path: Path, *, mlflow: bool = False, controller: str = "evolution",
         ev = Evaluation(cid, status, dict(zip(ARCHS, fitness)) if fitness else None, stage,
                         reason, dict(seconds), device, share,
                         duplicate_of="c4" if status == DUPLICATE else None)
-        state.candidates[cid], state.evaluations[cid] = cand, ev
+        state.add(cand, ev)
         ledger.count_evaluation(stage or status)
         if tracker is not None:
             tracker.log_candidate(state.parent_run_id, cand, ev, genome=genome,
                                   formula=symbolic.equation(genome), latex=symbolic.latex(genome),
                                   source=export_source(genome, "EvolvedNormAct"))
-    folder.write_state({"format": STATE_FORMAT, "controller": {}, "ledger": ledger.to_state(),
-                        **state.to_dict()})
+    journal = Journal(folder.journal_path, 0)
+    for cid, ev in state.evaluations.items():
+        journal.append(state.candidates[cid], ev)
+    journal.close()
+    records.write(folder, state, journal_bytes=journal.size, controller={},
+                  ledger=ledger.to_state())
     if tracker is not None:
         tracker.end_search(state.parent_run_id)
     folder.release()
@@ -386,7 +392,8 @@ def test_a_search_refreshes_at_most_every_report_every_s(tmp_path, monkeypatch):
     _search(tmp_path / "often", every=1e-9, tracker=often).run()
     assert len(calls) >= 3  # after each turn of the loop, and at the end
     assert often.texts.count("report.html") == len(calls)
-    assert calls[-1] == (Path(tmp_path / "often").absolute(), often, "parent")
+    path, tracker, parent = calls[-1]
+    assert (path, parent) == (Path(tmp_path / "often").absolute(), "parent")
 
 
 def test_refresh_warns_instead_of_failing_the_search(tmp_path, caplog):
@@ -412,3 +419,18 @@ def test_pareto_plot_for_one_and_for_three_architectures(run_dir, archs):
             ev.fitness["efficientnet"] = ev.fitness["resnet"] / 2
     assert report.pareto_plot(run).startswith("data:image/svg+xml;base64,")
     assert 'class="candidate"' in report.build(run)
+
+
+def test_best_and_top_agree_on_a_tie(tmp_path, capsys):
+    """Two survivors of equal mean fitness: `RUN:best`, `evonas top` and the report name
+    the same layer, the one found first (the lower id)."""
+    tie = [("c1", "evonorm_s0", None, "zoo:evonorm_s0", SURVIVOR, (0.30, 0.40), None, None,
+            {**DRIVER_S, **WORKER_S}, "cpu", 1.0),
+           ("c2", "gn_relu", None, "zoo:gn_relu", SURVIVOR, (0.40, 0.30), None, None,
+            {**DRIVER_S, **WORKER_S}, "cpu", 1.0)]
+    run = load_run(make_run(tmp_path / "tie", rows=tie))
+    assert run.candidate("best")[0].candidate_id == "c1"
+    assert [c.candidate_id for c, _ in run.leaderboard(2)] == ["c1", "c2"]
+    assert main(["top", str(tmp_path / "tie")]) == 0
+    ranks = [line.split()[1] for line in capsys.readouterr().out.splitlines()[2:]]
+    assert ranks == ["c1", "c2"]

@@ -27,7 +27,13 @@ def evonas(*args, check=True, timeout=600):
 
 
 def state(run: Path) -> dict:
-    return json.loads((run / "state.json").read_text())
+    """state.json with the journal's records, as the first format held them."""
+    from evonas.search.runfolder import RunFolder
+    from evonas.search.state import read
+
+    raw, finished = read(RunFolder.open(run, lock=False))
+    return {**raw, "candidates": {k: c.to_dict() for k, c in finished.candidates.items()},
+            "evaluations": {k: e.to_dict() for k, e in finished.evaluations.items()}}
 
 
 def child_runs(run: Path, parent: str, where: str = ""):
@@ -104,9 +110,41 @@ def test_sigkill_loses_nothing_finished_and_resume_completes(tmp_path):
     assert len(after["evaluations"]) == 10
     for cid, ev in before.items():  # finished before the kill: kept as they were
         assert after["evaluations"][cid] == ev
+    # The journal holds each finished candidate once, all of it committed by state.json.
+    lines = (run / "journal.jsonl").read_bytes()
+    assert after["journal_bytes"] == len(lines) and lines.count(b"\n") == 10
+    assert "history" in after["controller"] and after["controller"]["history"] == []
     children = child_runs(run, after["parent_run_id"])
     assert len(children) == 10 and {r.info.status for r in children} == {"FINISHED"}
     assert len(set(candidate_ids(children))) == 10
+
+
+def test_a_sigkill_while_mlflow_lags_loses_no_candidate_run_nor_doubles_one(tmp_path):
+    # Candidates that cost the driver milliseconds (every one a duplicate of the first
+    # survivor or rejected before a worker) queue for the MLflow writer faster than it
+    # logs them: the kill finds the run folder ahead of MLflow.
+    run = tmp_path / "lag"
+    cmd = [sys.executable, "-m", "evonas", "search", "--space", "act", "--budget", "60evals",
+           "--out", str(run), "--workers", "0", "--seed", "2", *TINY]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if (run / "state.json").exists() and len(state(run)["evaluations"]) >= 25:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = state(run)
+    logged = child_runs(run, before["parent_run_id"])
+    assert len(before["evaluations"]) >= 25
+
+    evonas("search", "--resume", run)
+    after = state(run)
+    assert len(after["evaluations"]) == 60
+    children = child_runs(run, after["parent_run_id"])
+    assert sorted(candidate_ids(children)) == sorted(after["evaluations"])
+    assert {r.info.status for r in children} == {"FINISHED"}
+    assert len(logged) <= len(children)
 
 
 def test_search_on_local_ray_with_two_workers(tmp_path):
@@ -139,6 +177,8 @@ def test_failing_evaluations_are_recorded_and_the_search_goes_on(tmp_path):
     (["--budget", "5evals", "--workers", "-1"], "--workers"),
     (["--budget", "5evals", "--gpus-per-eval", "0.3"], "0.3"),
     (["--out", "{tmp}/x"], "needs --budget"),
+    # the controller's own limits are checked before the run folder is made
+    (["--budget", "5evals", "--population", "1", "--tournament", "1"], "--population"),
 ])
 def test_bad_arguments_fail_before_any_work(tmp_path, args, message):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
@@ -160,6 +200,37 @@ def test_an_existing_run_folder_is_not_overwritten(tmp_path):
                  *TINY, check=False)
     assert out.returncode == 2 and "--resume" in out.stderr
     assert (run / "state.json").read_bytes() == before
+
+
+def test_a_space_file_is_kept_by_absolute_path_and_resume_keeps_every_setting(tmp_path):
+    import shutil
+
+    from importlib import resources
+
+    (tmp_path / "spaces").mkdir()
+    shutil.copy(resources.files("evonas.search_spaces") / "act.json", tmp_path / "spaces" / "mine.json")
+    run = tmp_path / "r"
+    out = subprocess.run([sys.executable, "-m", "evonas", "search", "--space", "spaces/mine.json",
+                          "--budget", "1evals", "--out", "r", "--workers", "0", *TINY],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    space = json.loads((run / "config.json").read_text())["space"]
+    assert space == str(tmp_path / "spaces" / "mine.json")
+    before = (run / "state.json").read_bytes()
+
+    for flag in (["--space", "norm_act"], ["--workers", "2"], ["--seed", "0"]):
+        refused = evonas("search", "--resume", run, *flag, check=False)
+        assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+        assert f"drop {flag[0]}" in refused.stderr
+    assert (run / "state.json").read_bytes() == before
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    resumed = subprocess.run([sys.executable, "-m", "evonas", "search", "--resume", str(run),
+                              "--budget", "2evals"], cwd=elsewhere, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert len(state(run)["evaluations"]) == 2
 
 
 def test_a_wall_time_budget_is_a_deadline(tmp_path):
@@ -220,6 +291,75 @@ def test_proxy_sizes_default_per_dataset_and_flags_override_them(dataset, flags,
     config = _config(args).to_dict()
     sizes = {**config, **config["stages"]}
     assert {name: sizes[name] for name in expected} == expected
+
+
+def test_the_search_command_leaves_every_default_to_the_config(monkeypatch):
+    from evonas.cli import build_parser
+    from evonas.cli.search import FIELDS, SIZES, STAGE_FIELDS, _config
+    from evonas.search.config import SearchConfig
+
+    monkeypatch.delenv("EVONAS_DATA_DIR", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    args = build_parser().parse_args(["search", "--budget", "5m", "--out", "unused"])
+    assert [f for f in (*FIELDS, *STAGE_FIELDS, *SIZES) if getattr(args, f) is not None] == []
+    assert _config(args) == SearchConfig(budget="5m")
+
+
+def test_a_duplicate_parked_behind_a_failed_evaluation_is_evaluated_once(tmp_path):
+    """Equals proposed while a layer is evaluated wait for its verdict; when that
+    evaluation fails, one of them is evaluated anew and the others wait for it."""
+    from evonas.layers import zoo
+    from evonas.runtime.backends import InlineBackend, Outcome
+    from evonas.search.config import SearchConfig
+    from evonas.search.driver import Search
+    from evonas.search.records import SURVIVOR, Candidate, Evaluation
+    from evonas.search.tracking import SearchTracker
+
+    config = SearchConfig(space="norm_act_s", budget="10evals", dataset="synthetic",
+                          archs=("resnet",), workers=1, population_size=4, tournament_size=2)
+    search = Search.create(tmp_path / "d", config, backend=InlineBackend(),
+                           tracker=SearchTracker(f"sqlite:///{tmp_path / 'mlflow.db'}"))
+    search._start_tracking()
+    genome = zoo.get("evonorm_s0")
+    first, second, third = (
+        Candidate(search.controller.ask().candidate_id, genome.to_dict(), None, "random",
+                  genome.structural_hash) for _ in range(3))
+    for cand in (first, second, third):
+        search._admit(cand, genome)
+    assert list(search.in_flight) == [first.candidate_id]
+
+    search.backend.shutdown()  # the worker dies with the first evaluation
+    search._finished_outcome(Outcome(first.candidate_id, False, None, "worker died: SIGKILL", 2.0))
+    assert [c.candidate_id for c in search.ready] == [second.candidate_id]
+    search.stop()
+    search._fill()
+    assert list(search.in_flight) == [second.candidate_id]
+    score = Evaluation(second.candidate_id, SURVIVOR, {"resnet": 0.5}, stage_seconds={"proxy": 1.0})
+    search._finished_outcome(Outcome(second.candidate_id, True, score.to_dict(), 1.0))
+    assert search.ready == [] and search.in_flight == {}
+    evs = search.state.evaluations
+    assert evs[first.candidate_id].status == "failed"
+    assert (evs[third.candidate_id].status, evs[third.candidate_id].duplicate_of) == (
+        "duplicate", second.candidate_id)
+    search._end_tracking("FINISHED")
+    search.folder.release()
+
+
+def test_the_progress_line_counts_each_candidate_once():
+    from collections import Counter
+
+    from evonas.search.progress import Progress
+    from evonas.search.records import DUPLICATE, REJECTED, SURVIVOR, Evaluation
+    from evonas.search.state import outcome
+
+    evs = [Evaluation("c1", SURVIVOR, {"resnet": 0.4}),
+           Evaluation("c2", REJECTED, reject_stage="numeric", reject_reason="nan"),
+           Evaluation("c3", DUPLICATE, {"resnet": 0.4}, duplicate_of="c1"),
+           Evaluation("c4", REJECTED, reject_stage="duplicate", duplicate_of="c2",
+                      reject_reason="equivalent to c2")]
+    line = Progress().line(evaluated=4, outcomes=Counter(outcome(e) for e in evs), best=0.4,
+                           spent="4 evals", left="0 evals", in_flight=0)
+    assert "survivors 1, duplicates 2, failed 0; rejected: numeric 1)" in line
 
 
 def test_a_synthetic_search_with_default_sizes_keeps_them_in_its_run_folder(tmp_path):

@@ -30,8 +30,11 @@ def _export_and_check(genome, out: Path, x: torch.Tensor) -> float:
     class_name = default_class_name(genome)
     path = out / f"{genome.name}.py"
     export_file(genome, path, class_name=class_name)
-    interpreted = GenomeLayer(genome, x.size(1), groups=8)
-    exported = _load_class(path, class_name)(x.size(1), groups=8)
+    if genome.layout == "ntc":  # the same numbers as (N, H*W tokens, C features)
+        x = x.flatten(2).transpose(1, 2)
+    c = x.size(-1) if genome.layout == "ntc" else x.size(1)
+    interpreted = GenomeLayer(genome, c, groups=8)
+    exported = _load_class(path, class_name)(c, groups=8)
     exported.load_state_dict(interpreted.state_dict())
     return (exported(x) - interpreted(x)).abs().max().item()
 

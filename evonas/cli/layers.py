@@ -20,7 +20,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ops", help="list the primitive ops and graph inputs")
     p.set_defaults(run=run_ops, command="ops")
 
-    p = sub.add_parser("spaces", help="list the built-in search spaces")
+    p = sub.add_parser("spaces", help="list the built-in search spaces, their layout "
+                                      "(nchw, ntc) and which are causal")
     p.set_defaults(run=run_spaces, command="spaces")
 
     p = sub.add_parser("show", help="print a layer's formula (readable, LaTeX or genome JSON)")
@@ -82,11 +83,12 @@ def run_zoo(args) -> int:
     from evonas.layers.space import builtin_spaces, load_space
 
     spaces = [load_space(s) for s in builtin_spaces()]
-    print(f"{'layer':<12} {'nodes':>5}  {'spaces':<22} formula (out = gamma * y + beta)")
+    print(f"{'layer':<12} {'layout':<6} {'nodes':>5}  {'spaces':<30} formula "
+          "(out = gamma * y + beta)")
     for name in zoo.names():
         g = zoo.get(name)
         member = ",".join(s.name for s in spaces if s.contains(g)) or "-"
-        print(f"{name:<12} {len(g):>5}  {member:<22} y = {symbolic.formula(g)}")
+        print(f"{name:<12} {g.layout:<6} {len(g):>5}  {member:<30} y = {symbolic.formula(g)}")
     return 0
 
 
@@ -102,8 +104,9 @@ def run_spaces(args) -> int:
 
     for name in builtin_spaces():
         s = load_space(name)
-        print(f"{s.name:<11} {len(s.ops):>2} ops, <= {s.max_nodes} nodes, {s.groups} groups: "
-              f"{s.description}")
+        kind = "causal" if s.causal else "bidirectional" if s.layout == "ntc" else "-"
+        print(f"{s.name:<17} {s.layout:<4} {kind:<13} {len(s.ops):>2} ops, <= {s.max_nodes} "
+              f"nodes, {s.groups} groups: {s.description}")
     return 0
 
 

@@ -24,56 +24,96 @@ def _size_help(name: str) -> str:
     return f"default {size_default(name)}; {size_default(name, 'synthetic')} on synthetic"
 
 
+def _default(name: str) -> str:
+    """'default X' for a SearchConfig (or StageConfig) field: the one place defaults live."""
+    import dataclasses
+
+    from evonas.search.config import SearchConfig, StageConfig
+
+    fields = {f.name: f.default for cls in (SearchConfig, StageConfig)
+              for f in dataclasses.fields(cls)}
+    value = fields[name]
+    return f"default {','.join(value) if isinstance(value, tuple) else value}"
+
+
+# Flags of a new search and the SearchConfig (or StageConfig) field each sets. They
+# default to None, "not given": the config fills in its own default, and --resume refuses
+# any of them (a resumed search keeps the settings it started with).
+FIELDS = {"space": "space", "dataset": "dataset", "data_dir": "data_dir", "seed": "seed",
+          "controller": "controller", "seed_zoo": "seed_zoo", "population": "population_size",
+          "tournament": "tournament_size", "random_fraction": "random_fraction",
+          "archs": "archs", "proxy_lr": "proxy_lr", "workers": "workers",
+          "cpus_per_eval": "cpus_per_eval", "gpus_per_eval": "gpus_per_eval",
+          "eval_time_limit": "eval_time_limit_s", "ray_address": "ray_address",
+          "tracking_uri": "tracking_uri", "report_every": "report_every_s",
+          "full_train_top": "full_train_top", "search_share": "search_share"}
+STAGE_FIELDS = {"quality_threshold": "quality_threshold",
+                "stability_threshold": "stability_threshold"}
+SIZES = {"proxy_steps": "proxy_steps", "proxy_batch": "proxy_batch_size",
+         "proxy_width": "proxy_width", "quality_steps": "quality_steps",
+         "stability_steps": "stability_steps"}
+# Flags whose default comes from the environment when not given.
+ENVIRONMENT = {"data_dir": "EVONAS_DATA_DIR", "ray_address": "RAY_ADDRESS"}
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("search", help="evolve layers (resumable run folder, MLflow record)",
                        description="Evolve normalization-activation layers. A new search needs "
-                       "--budget and --out; --resume RUN continues one.")
-    p.add_argument("--space", default="norm_act", help="search space name or JSON file")
+                       "--budget and --out; --resume RUN continues one (with --budget only).")
+    p.add_argument("--space", help=f"search space name or JSON file ({_default('space')})")
     p.add_argument("--budget", help="200gpu-h, 2cpu-h, 45m, 1.5h or 500evals")
-    p.add_argument("--dataset", default="cifar10", help="cifar10 or synthetic")
-    p.add_argument("--data-dir", default=os.environ.get("EVONAS_DATA_DIR"),
-                   help="CIFAR-10 folder (default: $EVONAS_DATA_DIR)")
+    p.add_argument("--dataset", help=f"cifar10 or synthetic ({_default('dataset')})")
+    p.add_argument("--data-dir", help="CIFAR-10 folder (default: $EVONAS_DATA_DIR)")
     p.add_argument("--out", help="run folder to create")
     p.add_argument("--resume", metavar="RUN", help="continue the search in this run folder")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--controller", default="evolution", help="evolution or random (ablation)")
-    p.add_argument("--seed-zoo", action="store_true", help="start from the zoo layers of the space")
-    p.add_argument("--population", type=int, default=50, help="aging-evolution population")
-    p.add_argument("--tournament", type=int, default=10, help="tournament sample size")
-    p.add_argument("--random-fraction", type=float, default=0.5, metavar="R",
+    p.add_argument("--seed", type=int, help=_default("seed"))
+    p.add_argument("--controller", help=f"evolution or random (ablation); {_default('controller')}")
+    p.add_argument("--seed-zoo", action="store_true", default=None,
+                   help="start from the zoo layers of the space")
+    p.add_argument("--population", type=int,
+                   help=f"aging-evolution population ({_default('population_size')})")
+    p.add_argument("--tournament", type=int,
+                   help=f"tournament sample size ({_default('tournament_size')})")
+    p.add_argument("--random-fraction", type=float, metavar="R",
                    help="share of evolution's proposals that are random immigrants "
-                   "(0: every proposal mutates a tournament winner, as in the paper)")
-    p.add_argument("--archs", type=_archs, default=("resnet", "mobilenetv2", "efficientnet"),
-                   help="proxy architectures, comma-separated (one objective each)")
+                   f"(0: every proposal mutates a tournament winner, as in the paper); "
+                   f"{_default('random_fraction')}")
+    p.add_argument("--archs", type=_archs,
+                   help=f"proxy architectures, comma-separated (one objective each); "
+                   f"{_default('archs')}")
     # Sizes default per dataset (config.proxy_sizes): smaller on the synthetic set.
     p.add_argument("--proxy-steps", type=int, help=_size_help("proxy_steps"))
     p.add_argument("--proxy-batch", type=int, help=_size_help("proxy_batch_size"))
     p.add_argument("--proxy-width", type=int, help=_size_help("proxy_width"))
-    p.add_argument("--proxy-lr", type=float, default=0.1)
+    p.add_argument("--proxy-lr", type=float, help=_default("proxy_lr"))
     p.add_argument("--quality-steps", type=int, help=_size_help("quality_steps"))
-    p.add_argument("--quality-threshold", type=float, default=0.2)
+    p.add_argument("--quality-threshold", type=float, help=_default("quality_threshold"))
     p.add_argument("--stability-steps", type=int, help=_size_help("stability_steps"))
-    p.add_argument("--stability-threshold", type=float, default=1e8)
-    p.add_argument("--workers", type=int, default=1,
-                   help="evaluations at once (0: in this process, without Ray)")
-    p.add_argument("--cpus-per-eval", type=float, default=1.0)
-    p.add_argument("--gpus-per-eval", type=float, default=0.0,
-                   help="GPU share per evaluation (0.25 packs four per GPU)")
-    p.add_argument("--eval-time-limit", type=float, default=1800.0, metavar="SECONDS")
-    p.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS"),
+    p.add_argument("--stability-threshold", type=float, help=_default("stability_threshold"))
+    p.add_argument("--workers", type=int,
+                   help=f"evaluations at once (0: in this process, without Ray); "
+                   f"{_default('workers')}")
+    p.add_argument("--cpus-per-eval", type=float, help=_default("cpus_per_eval"))
+    p.add_argument("--gpus-per-eval", type=float,
+                   help=f"GPU share per evaluation (0.25 packs four per GPU); "
+                   f"{_default('gpus_per_eval')}")
+    p.add_argument("--eval-time-limit", type=float, metavar="SECONDS",
+                   help=_default("eval_time_limit_s"))
+    p.add_argument("--ray-address",
                    help="Ray cluster to use (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--tracking-uri", help="MLflow server (default: SQLite in the run folder)")
-    p.add_argument("--full-train-top", type=int, default=0, metavar="N",
+    p.add_argument("--full-train-top", type=int, metavar="N",
                    help="then train the N best layers and the baselines fully; the search "
                    "gets --search-share (80%%) of --budget")
-    p.add_argument("--search-share", type=float, default=0.8, metavar="F",
+    p.add_argument("--search-share", type=float, metavar="F",
                    help="with --full-train-top, the share of --budget the search may spend; "
-                   "full training gets the rest")
+                   f"full training gets the rest ({_default('search_share')})")
     p.add_argument("--full-train-config", metavar="FILE",
                    help="JSON object of `evonas train` settings for --full-train-top, "
                    'e.g. {"archs": ["resnet20"], "epochs": 10, "seeds": [0, 1]}')
-    p.add_argument("--report-every", type=float, default=300.0, metavar="SECONDS",
-                   help="rewrite RUN/report.html this often while searching")
+    p.add_argument("--report-every", type=float, metavar="SECONDS",
+                   help=f"rewrite RUN/report.html this often while searching "
+                   f"({_default('report_every_s')})")
     p.set_defaults(run=run_search, command="search")
 
     p = sub.add_parser("top", help="leaderboard of a search's run folder")
@@ -82,28 +122,26 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run_top, command="top")
 
 
+def _given(args, names) -> dict:
+    return {names[flag]: getattr(args, flag) for flag in names if getattr(args, flag) is not None}
+
+
 def _config(args):
     from evonas.search.config import SearchConfig, StageConfig, proxy_sizes
 
     if args.budget is None or args.out is None:
         raise EvonasError("a new search needs --budget and --out (or --resume RUN)")
-    sizes, stage_sizes = proxy_sizes(args.dataset, {
-        "proxy_steps": args.proxy_steps, "proxy_batch_size": args.proxy_batch,
-        "proxy_width": args.proxy_width, "quality_steps": args.quality_steps,
-        "stability_steps": args.stability_steps})
-    stages = StageConfig(quality_threshold=args.quality_threshold,
-                         stability_threshold=args.stability_threshold, **stage_sizes)
-    return SearchConfig(
-        space=args.space, budget=args.budget, dataset=args.dataset,
-        data_dir=os.path.abspath(args.data_dir) if args.data_dir else None, seed=args.seed,
-        controller=args.controller, seed_zoo=args.seed_zoo, population_size=args.population,
-        tournament_size=args.tournament, random_fraction=args.random_fraction,
-        archs=args.archs, proxy_lr=args.proxy_lr, **sizes,
-        workers=args.workers, cpus_per_eval=args.cpus_per_eval, gpus_per_eval=args.gpus_per_eval,
-        eval_time_limit_s=args.eval_time_limit, ray_address=args.ray_address,
-        tracking_uri=args.tracking_uri, report_every_s=args.report_every,
-        full_train_top=args.full_train_top, search_share=args.search_share,
-        full_train=_full_train(args), stages=stages)
+    fields = _given(args, FIELDS)
+    for flag, variable in ENVIRONMENT.items():
+        if FIELDS[flag] not in fields and os.environ.get(variable):
+            fields[FIELDS[flag]] = os.environ[variable]
+    if fields.get("data_dir"):
+        fields["data_dir"] = os.path.abspath(fields["data_dir"])
+    dataset = fields.get("dataset", SearchConfig.dataset)
+    sizes, stage_sizes = proxy_sizes(dataset, {SIZES[f]: getattr(args, f) for f in SIZES})
+    stages = StageConfig(**_given(args, STAGE_FIELDS), **stage_sizes)
+    return SearchConfig(budget=args.budget, **fields, **sizes, full_train=_full_train(args),
+                        stages=stages)
 
 
 def _full_train(args) -> dict | None:
@@ -120,10 +158,11 @@ def run_search(args) -> int:
     from evonas.search.driver import Search
 
     if args.resume:
-        given = [f for f in ("out", "space", "full_train_config")
-                 if getattr(args, f) not in (None, "norm_act")]
+        given = [f for f in ("out", *FIELDS, *STAGE_FIELDS, *SIZES, "full_train_config")
+                 if getattr(args, f) is not None]
         if given:
-            raise EvonasError(f"--resume continues with the run's own settings; drop --{given[0].replace('_', '-')}")
+            raise EvonasError(f"--resume continues with the run's own settings; drop "
+                              f"--{given[0].replace('_', '-')} (only --budget may change)")
         search = Search.resume(args.resume, budget=args.budget)
     else:
         config = _config(args)
@@ -157,14 +196,16 @@ def run_search(args) -> int:
 def run_top(args) -> int:
     from evonas.layers import symbolic
     from evonas.layers.genome import Genome
-    from evonas.search.driver import mean_fitness
     from evonas.search.results import load_run
+    from evonas.search.state import mean_fitness
 
     run = load_run(args.run_dir)
     archs = list(run.config.archs)
-    statuses, stages = run.counts()
-    print(f"{args.run_dir}: {sum(statuses.values())} evaluated; " +
-          ", ".join(f"{k} {v}" for k, v in sorted(statuses.items())) +
+    counts = run.counts()
+    stages = {k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith("rejected:")}
+    print(f"{args.run_dir}: {sum(counts.values())} evaluated; " +
+          ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if k not in
+                    {f"rejected:{s}" for s in stages}) +
           ("; rejected at " + ", ".join(f"{k} {v}" for k, v in stages.items()) if stages else ""))
     print(f"{'rank':>4}  {'id':<8} {'mean':>6}  " + "  ".join(f"{a[:12]:>12}" for a in archs)
           + "  formula")

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 from typing import Any, Mapping
 
 from evonas.errors import EvonasError
+from evonas.runtime import checks
 
 CONTROLLERS = ("evolution", "random")
 
@@ -109,13 +111,16 @@ class SearchConfig:
     stages: StageConfig = StageConfig()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "space", resolved_space(self.space))
         if self.controller not in CONTROLLERS:
             raise EvonasError(f"--controller {self.controller!r}: use one of {', '.join(CONTROLLERS)}")
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
             raise EvonasError(f"--workers must be a whole number >= 0 (0: in this process), "
                               f"got {self.workers!r}")
         _check_gpu_share(self.gpus_per_eval)
-        _positive_int("--population", self.population_size)
+        # Aging evolution needs two members to choose between (EvolutionConfig).
+        checks.whole("--population", self.population_size, minimum=2,
+                     hint=" (aging evolution needs two members to choose between)")
         _positive_int("--tournament", self.tournament_size)
         _positive_int("--proxy-steps", self.proxy_steps)
         _positive_int("--proxy-batch", self.proxy_batch_size)
@@ -170,35 +175,44 @@ class SearchConfig:
         return cls(stages=StageConfig(**stages), **data)
 
     def validate_parts(self) -> None:
-        """Check the named parts exist (space, architectures, budget, dataset) at once,
-        so a typo fails before Ray starts, not an hour in."""
-        from evonas.search.budget import parse_budget
-        from evonas.proxy.data import DATASETS
-        from evonas.proxy.models import ARCHS
+        """Check the named parts exist (space, architectures, dataset) and that the budget
+        can be spent by these evaluations on this machine, so a typo or a budget that
+        would never run out fails before Ray starts or a file is written, not an hour in."""
         from evonas.layers.space import load_space
 
         load_space(self.space)
-        parse_budget(self.budget)
-        for arch in self.archs:
-            if arch not in ARCHS:
-                raise EvonasError(f"--archs: unknown architecture {arch!r}; use any of "
-                                  f"{', '.join(ARCHS)}")
-        if self.dataset not in DATASETS:
-            raise EvonasError(f"--dataset {self.dataset!r}: use one of {', '.join(DATASETS)}")
+        checks.archs("--archs", self.archs)
+        checks.dataset("--dataset", self.dataset)
+        self.check_budget()
+
+    def check_budget(self, text: str | None = None) -> None:
+        """EvonasError when the budget (`text`, e.g. a resume's new --budget; None: this
+        config's) cannot be spent by these evaluations here (search.budget.check_spendable)."""
+        from evonas.runtime.cluster import remote_address
+        from evonas.runtime.limits import local_gpus
+        from evonas.search.budget import check_spendable, parse_budget
+
+        budget = parse_budget(self.budget if text is None else text)
+        # A cluster's GPUs are known once connected (driver.make_backend checks them there).
+        remote = self.workers > 0 and remote_address(self.ray_address) is not None
+        check_spendable(budget, self.gpus_per_eval, inline=self.workers == 0,
+                        gpus=None if remote else local_gpus())
+
+
+def resolved_space(spec: str) -> str:
+    """A built-in space's name as given, a space file's absolute path: the configuration
+    travels to workers started in other folders, and to resumes started from elsewhere."""
+    from importlib import resources
+
+    if resources.files("evonas.search_spaces").joinpath(f"{spec}.json").is_file():
+        return spec
+    path = Path(spec)
+    return str(path.resolve()) if path.is_file() else spec
 
 
 def _positive_int(flag: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise EvonasError(f"{flag} must be a whole number >= 1, got {value!r}")
+    checks.whole(flag, value, minimum=1)
 
 
 def _check_gpu_share(share: float) -> None:
-    # Ray's fractional GPUs are logical only: shares that do not divide a GPU evenly leave
-    # part of every GPU unusable (0.3 packs three, wasting a tenth).
-    if not (share >= 0 and math.isfinite(share)):
-        raise EvonasError(f"--gpus-per-eval must be >= 0, got {share}")
-    if 0 < share < 1 and abs(1 / share - round(1 / share)) > 1e-9:
-        raise EvonasError(f"--gpus-per-eval {share} does not divide a GPU evenly; use 1/k "
-                          "such as 0.5, 0.25 or 0.125")
-    if share > 1 and share != int(share):
-        raise EvonasError(f"--gpus-per-eval {share}: above 1, use a whole number of GPUs")
+    checks.gpu_share("--gpus-per-eval", share)

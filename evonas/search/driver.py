@@ -6,9 +6,15 @@ One turn of the loop:
    and run the cheap checks here (static, numeric, duplicate: milliseconds); a candidate
    they settle is finished at once, the rest is submitted to a worker;
 2. wait briefly for workers; each finished evaluation is *finished*: told to the
-   controller, charged to the ledger, written to the run folder's state atomically, then
-   logged to MLflow (in that order: the state is the truth, MLflow is reconciled with it on
-   resume, so a kill at any moment loses only what was in flight).
+   controller, charged to the ledger, appended to the run folder's journal and committed
+   by its state.json (state.py), then handed to the background writer (writer.py) for
+   MLflow. In that order: the run folder is the truth, MLflow is reconciled with it on
+   resume, so a kill at any moment loses only what was in flight.
+
+The driver's own time per candidate bounds how many workers it feeds
+(benchmarks/driver_throughput.py): recording a candidate costs the same at any length of
+the search (a journal line and a bounded state.json, fsynced once a second), and MLflow's
+child runs, graph pictures and exported code are written off the loop.
 
 A duplicate whose equivalent is still being evaluated waits for it and takes its verdict.
 """
@@ -19,69 +25,33 @@ import math
 import signal
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 from evonas.layers import zoo
-from evonas.search.budget import Ledger, parse_budget
-from evonas.errors import EvonasError
-from evonas.search.evolution import (EvolutionConfig, GenomeOps, RandomSearch, RegularizedEvolution,
-                              load_controller)
 from evonas.layers.fingerprint import functional_fingerprint
 from evonas.layers.genome import Genome
 from evonas.layers.mutation import mutate, random_genome
-from evonas.search.records import DUPLICATE, FAILED, REJECTED, SURVIVOR, Candidate, Evaluation
-from evonas.search.runfolder import RunFolder
-from evonas.search.config import SearchConfig
-from evonas.search.progress import Progress
-from evonas.search.rejection import numeric_check, static_check
 from evonas.layers.space import SearchSpace, load_space
+from evonas.search import state as records
+from evonas.search.budget import Ledger, parse_budget
+from evonas.search.config import SearchConfig
+from evonas.search.evolution import (EvolutionConfig, GenomeOps, RandomSearch, RegularizedEvolution,
+                                     load_controller)
+from evonas.search.progress import Progress
+from evonas.search.records import DUPLICATE, FAILED, REJECTED, SURVIVOR, Candidate, Evaluation
+from evonas.search.rejection import numeric_check, static_check
+from evonas.search.runfolder import RunFolder
+from evonas.search.state import LEGACY_FORMAT, Journal, SearchState, outcome, rank_key
 
-STATE_FORMAT = "evonas.search-state/1"
-# Stages run by the driver itself, on its CPU, before a candidate costs a worker anything.
-DRIVER_STAGES = ("static", "numeric", "duplicate")
 # Seconds a worker may overrun the evaluation's own time limit before the engine kills it:
 # the worker's soft limit reports a clean "failed" record first.
 KILL_GRACE_S = 60.0
-
-
-@dataclass
-class SearchState:
-    """Everything finished so far; what state.json holds besides controller and ledger."""
-
-    candidates: dict[str, Candidate] = field(default_factory=dict)
-    evaluations: dict[str, Evaluation] = field(default_factory=dict)
-    fingerprints: dict[str, str] = field(default_factory=dict)  # fingerprint -> evaluated id
-    parent_run_id: str | None = None
-    # Seconds the driver itself spent (checks, controller, state, MLflow), not waiting for
-    # workers: what bounds how many workers one driver can feed.
-    driver_seconds: float = 0.0
-
-    def to_dict(self) -> dict:
-        return {"candidates": {k: c.to_dict() for k, c in self.candidates.items()},
-                "evaluations": {k: e.to_dict() for k, e in self.evaluations.items()},
-                "fingerprints": self.fingerprints, "parent_run_id": self.parent_run_id,
-                "driver_seconds": self.driver_seconds}
-
-    @classmethod
-    def from_dict(cls, raw: dict) -> "SearchState":
-        return cls(candidates={k: Candidate.from_dict(v) for k, v in raw["candidates"].items()},
-                   evaluations={k: Evaluation.from_dict(v) for k, v in raw["evaluations"].items()},
-                   fingerprints=dict(raw["fingerprints"]), parent_run_id=raw.get("parent_run_id"),
-                   driver_seconds=raw.get("driver_seconds", 0.0))
-
-    def survivors(self) -> list[Evaluation]:
-        return [e for e in self.evaluations.values() if e.fitness is not None]
-
-    def best(self) -> Evaluation | None:
-        """The survivor with the best mean proxy accuracy (the scalar `RUN:best` uses)."""
-        scored = [e for e in self.survivors() if e.status == SURVIVOR]
-        return max(scored, key=lambda e: (mean_fitness(e), e.candidate_id), default=None)
-
-
-def mean_fitness(ev: Evaluation) -> float:
-    return sum(ev.fitness.values()) / len(ev.fitness)
+# Seconds between fsyncs of the journal and state.json. Each write reaches the kernel at
+# once, which is what survives a kill of the driver; an fsync (milliseconds on a disk,
+# more than the driver's whole budget per candidate) is what survives a power loss, so it
+# is paid once a second: a power cut loses at most the last second's evaluations.
+SYNC_EVERY_S = 1.0
 
 
 def genome_ops(space: SearchSpace) -> GenomeOps:
@@ -112,46 +82,59 @@ def search_budget(config: SearchConfig, text: str):
 
 def make_backend(config: SearchConfig):
     from evonas.runtime.backends import InlineBackend, RayBackend
+    from evonas.search.budget import cluster_check, parse_budget
 
     if config.workers == 0:
         return InlineBackend()
+    # A cluster's GPUs are known once connected: a gpu-h budget refuses one without GPUs.
     return RayBackend(address=config.ray_address, workers=config.workers,
                       cpus_per_eval=config.cpus_per_eval, gpus_per_eval=config.gpus_per_eval,
-                      time_limit_s=config.eval_time_limit_s + KILL_GRACE_S)
+                      time_limit_s=config.eval_time_limit_s + KILL_GRACE_S,
+                      admit=cluster_check(parse_budget(config.budget), config.gpus_per_eval))
 
 
 class Search:
     """One search over a run folder: new (`create`) or resumed (`resume`)."""
 
     def __init__(self, folder: RunFolder, config: SearchConfig, controller, ledger: Ledger,
-                 state: SearchState, *, progress: Progress | None = None, backend=None,
-                 tracker=None):
+                 state: SearchState, *, journal_bytes: int = 0, progress: Progress | None = None,
+                 backend=None, tracker=None):
         self.folder, self.config, self.controller = folder, config, controller
         self.ledger, self.state = ledger, state
         self.space = load_space(config.space)
+        self._config_dict = config.to_dict()  # what every worker gets; the config is frozen
         self.progress = progress or Progress()
         self.backend = backend
         self.tracker = tracker
+        self.writer = None  # the MLflow writer (writer.py), while the search runs
+        self.journal = Journal(folder.journal_path, journal_bytes)
         self.in_flight: dict[str, Candidate] = {}
+        # Fingerprint -> the candidate of that behaviour submitted or ready to be: equals
+        # proposed meanwhile park behind it instead of training a second time.
+        self.evaluating: dict[str, str] = {}
         self.waiting: dict[str, list[Candidate]] = {}  # fingerprint -> parked duplicates
         self.pre_seconds: dict[str, dict[str, float]] = {}  # driver stages' cost per candidate
         self.ready: list[Candidate] = []  # checked, waiting for a worker slot
+        self.counts = Counter(outcome(e) for e in state.evaluations.values())
+        self.best = state.best()
         self._stop = False
         self._reported_at = time.monotonic()
+        self._synced_at = -math.inf
 
     # --- construction ---------------------------------------------------------------
 
     @classmethod
     def create(cls, out: str | Path, config: SearchConfig, **kw) -> "Search":
-        """Check every named part and the data before the run folder is written."""
+        """Check every named part, the data and the controller's settings before the run
+        folder is written."""
         from evonas.proxy.data import ensure_dataset
 
         config.validate_parts()
         ensure_dataset(config.dataset, config.data_dir)
-        space = load_space(config.space)
+        controller = new_controller(config, load_space(config.space))
         folder = RunFolder.create(out, config.to_dict())
-        search = cls(folder, config, new_controller(config, space),
-                     Ledger(search_budget(config, config.budget)), SearchState(), **kw)
+        search = cls(folder, config, controller, Ledger(search_budget(config, config.budget)),
+                     SearchState(), **kw)
         search.save()
         return search
 
@@ -159,26 +142,44 @@ class Search:
     def resume(cls, out: str | Path, budget: str | None = None, **kw) -> "Search":
         folder = RunFolder.open(out)
         config = SearchConfig.from_dict(folder.read_config())
-        raw = folder.read_state()
         space = load_space(config.space)
-        if raw is None:  # killed between creating the folder and the first save
-            controller, ledger, state = (new_controller(config, space),
-                                         Ledger(search_budget(config, config.budget)), SearchState())
-        elif raw.get("format") != STATE_FORMAT:
-            raise EvonasError(f"{out}: state.json is not a search state ({raw.get('format')!r}); "
-                              "start a new search in another folder")
+        loaded = records.read(folder)
+        if loaded is None:  # killed between creating the folder and the first save
+            search = cls(folder, config, new_controller(config, space),
+                         Ledger(search_budget(config, config.budget)), SearchState(), **kw)
         else:
-            controller = load_controller(raw["controller"], genome_ops(space))
-            ledger, state = Ledger.from_state(raw["ledger"]), SearchState.from_dict(raw)
+            raw, state = loaded
+            controller_state = raw["controller"]
+            legacy = raw["format"] == LEGACY_FORMAT
+            if not legacy:  # the history is the journal's, not state.json's
+                controller_state = {**controller_state,
+                                    "history": state.history(list(config.archs))}
+            search = cls(folder, config, load_controller(controller_state, genome_ops(space)),
+                         Ledger.from_state(raw["ledger"]), state,
+                         journal_bytes=0 if legacy else int(raw["journal_bytes"]), **kw)
+            if legacy:  # the first format's records move to the journal once
+                for cid, ev in state.evaluations.items():
+                    search.journal.append(state.candidates[cid], ev)
+                search.save()
         if budget is not None:
-            ledger.budget = search_budget(config, budget)
-        return cls(folder, config, controller, ledger, state, **kw)
+            search.ledger.budget = search_budget(config, budget)
+        return search
 
     # --- persistence ----------------------------------------------------------------
 
     def save(self) -> None:
-        self.folder.write_state({"format": STATE_FORMAT, "controller": self.controller.to_state(),
-                                 "ledger": self.ledger.to_state(), **self.state.to_dict()})
+        """Commit the journal's lines so far with the controller and the ledger."""
+        durable = time.monotonic() - self._synced_at >= SYNC_EVERY_S
+        if durable:
+            self.journal.sync()
+            self._synced_at = time.monotonic()
+        records.write(self.folder, self.state, journal_bytes=self.journal.size,
+                      controller=self.controller.to_state(history=False),
+                      ledger=self.ledger.to_state(), durable=durable)
+
+    def _commit(self, cand: Candidate, ev: Evaluation) -> None:
+        self.journal.append(cand, ev)
+        self.save()
 
     # --- the loop -------------------------------------------------------------------
 
@@ -203,8 +204,8 @@ class Search:
                     break
                 outcomes = self.backend.wait(timeout=1.0)
                 start = time.perf_counter()
-                for outcome in outcomes:
-                    self._finished_outcome(outcome)
+                for result in outcomes:
+                    self._finished_outcome(result)
                 self._show()
                 self._report()
                 self.state.driver_seconds += time.perf_counter() - start
@@ -215,7 +216,11 @@ class Search:
             raise
         finally:
             self.ledger.stop()
+            self._synced_at = -math.inf  # the last save is durable
             self.save()
+            self.journal.close()
+            if self.writer is not None:  # an error's way out: a resume logs what was queued
+                self.writer.close(drain=False)
             if self.backend is not None:
                 self.backend.shutdown()
             signal.signal(signal.SIGTERM, previous)
@@ -238,16 +243,22 @@ class Search:
                and parked <= 4 * max(1, self.config.workers)):
             proposal = self.controller.ask()
             genome = proposal.genome
-            cand = Candidate(proposal.candidate_id, genome.to_dict(), proposal.parent_id,
-                             proposal.mutation, structural_hash=genome.structural_hash)
-            if self._precheck(cand, genome):
-                self._submit(cand)
+            self._admit(Candidate(proposal.candidate_id, genome.to_dict(), proposal.parent_id,
+                                  proposal.mutation, structural_hash=genome.structural_hash),
+                        genome)
             parked = sum(len(v) for v in self.waiting.values())
+
+    def _admit(self, cand: Candidate, genome: Genome) -> None:
+        """Check a proposal; submit it when it needs a worker (it is then the one being
+        evaluated for its behaviour: equals proposed meanwhile park behind it)."""
+        if self._precheck(cand, genome):
+            self.evaluating[cand.fingerprint] = cand.candidate_id
+            self._submit(cand)
 
     def _submit(self, cand: Candidate) -> None:
         self.in_flight[cand.candidate_id] = cand
         self.backend.submit(cand.candidate_id, _evaluate_entry,
-                            {"candidate": cand.to_dict(), "config": self.config.to_dict()})
+                            {"candidate": cand.to_dict(), "config": self._config_dict})
 
     def _precheck(self, cand: Candidate, genome: Genome) -> bool:
         """Static, numeric and duplicate checks; True if the candidate needs a worker."""
@@ -268,7 +279,7 @@ class Search:
         if original is not None:
             self._finish(cand, self._duplicate(cand, self.state.evaluations[original]))
             return False
-        if any(c.fingerprint == cand.fingerprint for c in self.in_flight.values()):
+        if cand.fingerprint in self.evaluating:
             self.waiting.setdefault(cand.fingerprint, []).append(cand)
             return False
         return True
@@ -282,10 +293,10 @@ class Search:
                                          f"{original.reject_stage}: {original.reject_reason}"),
                           duplicate_of=original.candidate_id)
 
-    def _finished_outcome(self, outcome) -> None:
-        cand = self.in_flight.pop(outcome.task_id)
-        if outcome.ok:
-            ev = Evaluation.from_dict(outcome.value)
+    def _finished_outcome(self, result) -> None:
+        cand = self.in_flight.pop(result.task_id)
+        if result.ok:
+            ev = Evaluation.from_dict(result.value)
             if ev.fitness is not None and not all(math.isfinite(v) for v in ev.fitness.values()):
                 ev = Evaluation(cand.candidate_id, FAILED, reject_stage="proxy",
                                 reject_reason=f"non-finite fitness {ev.fitness}",
@@ -294,49 +305,57 @@ class Search:
         else:
             share = (self.config.gpus_per_eval if self.config.gpus_per_eval > 0
                      else self.config.cpus_per_eval)
-            ev = Evaluation(cand.candidate_id, FAILED, reject_reason=outcome.error,
-                            stage_seconds={"failed": outcome.seconds},
+            ev = Evaluation(cand.candidate_id, FAILED, reject_reason=result.error,
+                            stage_seconds={"failed": result.seconds},
                             device="gpu" if self.config.gpus_per_eval > 0 else "cpu",
-                            share=share, worker=outcome.worker or "")
+                            share=share, worker=result.worker or "")
         self._finish(cand, ev)
-        for waiting in self.waiting.pop(cand.fingerprint, []):
-            if ev.status != FAILED:
+        self._release(cand.fingerprint, ev)
+
+    def _release(self, fingerprint: str, ev: Evaluation) -> None:
+        """Settle the duplicates parked behind a finished evaluation of their behaviour."""
+        del self.evaluating[fingerprint]
+        parked = self.waiting.pop(fingerprint, [])
+        if ev.status != FAILED:
+            for waiting in parked:
                 self._finish(waiting, self._duplicate(waiting, ev))
-            else:  # a failure says nothing of the layer: evaluate the equivalent anew
-                self.ready.append(waiting)
+        elif parked:
+            # A failure says nothing of the layer: one equivalent is evaluated anew, the
+            # others wait for it as they waited for the first.
+            first, *rest = parked
+            self.evaluating[fingerprint] = first.candidate_id
+            self.ready.append(first)
+            if rest:
+                self.waiting[fingerprint] = rest
 
     def _finish(self, cand: Candidate, ev: Evaluation) -> None:
-        """Tell, charge, save, log: the one path every candidate ends through."""
+        """Tell, charge, commit, log: the one path every candidate ends through."""
         ev.stage_seconds = {**self.pre_seconds.pop(cand.candidate_id, {}), **ev.stage_seconds}
-        fitness = ev.objectives(list(self.config.archs))
-        status = ev.status if ev.status != REJECTED else f"rejected:{ev.reject_stage}"
-        self.controller.tell(cand.candidate_id, fitness, status, behaviour=cand.fingerprint)
-        for stage, seconds in ev.stage_seconds.items():
-            on_driver = stage in DRIVER_STAGES
-            self.ledger.charge(stage, seconds, 1.0 if on_driver else ev.share,
-                               device="cpu" if on_driver else ev.device)
+        self.controller.tell(cand.candidate_id, ev.objectives(list(self.config.archs)),
+                             records.told_status(ev), behaviour=cand.fingerprint)
+        for stage, seconds, share, device in records.charges(ev):
+            self.ledger.charge(stage, seconds, share, device=device)
         self.ledger.count_evaluation(_stopped_at(ev))
-        if ev.status in (SURVIVOR, REJECTED) and cand.fingerprint and ev.duplicate_of is None:
-            self.state.fingerprints.setdefault(cand.fingerprint, cand.candidate_id)
-        self.state.candidates[cand.candidate_id] = cand
-        self.state.evaluations[cand.candidate_id] = ev
-        self.save()
+        self.state.add(cand, ev)
+        self.counts[outcome(ev)] += 1
+        if ev.status == SURVIVOR and (self.best is None or rank_key(ev) < rank_key(self.best)):
+            self.best = ev
+        self._commit(cand, ev)
         self._log(cand, ev)
 
     # --- tracking -------------------------------------------------------------------
 
     def _start_tracking(self) -> None:
+        from evonas.search.writer import WriterProcess, WriterThread
+
         if self.tracker is None:
-            import logging
-
-            from evonas.runtime.tracking import Tracker
-
-            # MLflow announces its schema migrations at INFO; the progress line says enough.
-            logging.getLogger("mlflow").setLevel(logging.WARNING)
-
             uri = self.config.tracking_uri or self.folder.tracking_uri
-            self.tracker = Tracker(uri, artifact_location=None if self.config.tracking_uri
-                                   else str(self.folder.artifacts_dir / "mlflow"))
+            location = (None if self.config.tracking_uri
+                        else str(self.folder.artifacts_dir / "mlflow"))
+            self.tracker = _new_tracker(uri, location)
+            self.writer = WriterProcess(partial(_new_tracker, uri, location))
+        else:  # a tracker built by the caller lives in this process
+            self.writer = WriterThread(self.tracker)
         if self.state.parent_run_id is None:
             name = Path(self.folder.path).name
             self.state.parent_run_id = self.tracker.start_search(
@@ -349,31 +368,31 @@ class Search:
             self._log(self.state.candidates[cid], self.state.evaluations[cid])
 
     def _log(self, cand: Candidate, ev: Evaluation) -> None:
-        from evonas.layers import symbolic
-        from evonas.layers.export import export_source
-
-        genome = Genome.from_dict(cand.genome)
-        self.tracker.log_candidate(self.state.parent_run_id, cand, ev, genome=genome,
-                                   formula=symbolic.equation(genome),
-                                   latex=symbolic.latex(genome),
-                                   source=export_source(genome, "EvolvedNormAct"))
-        best = self.state.best()
+        """Queue the candidate's MLflow run and the search's progress after it."""
         summary = {"evaluated": float(len(self.state.evaluations)),
                    "budget_spent_fraction": float(self.ledger.fraction_spent)}
-        if best is not None:
-            summary["best_mean_fitness"] = mean_fitness(best)
-        self.tracker.log_summary(self.state.parent_run_id, summary, step=len(self.state.evaluations))
+        if self.best is not None:
+            summary["best_mean_fitness"] = records.mean_fitness(self.best)
+        self.writer.put(_log_candidate, self.state.parent_run_id, cand, ev)
+        self.writer.put(_log_summary, self.state.parent_run_id, summary,
+                        len(self.state.evaluations))
 
     def _report(self, force: bool = False) -> None:
         """Rewrite report.html (and its copy in MLflow) every report_every_s seconds."""
         if force or time.monotonic() - self._reported_at >= self.config.report_every_s:
             from evonas.search.report import refresh
 
-            refresh(self.folder.path, self.tracker, self.state.parent_run_id)
+            refresh(self.folder.path, _Queued(self.writer), self.state.parent_run_id)
             self._reported_at = time.monotonic()
 
     def _end_tracking(self, status: str) -> None:
-        if self.tracker is not None and self.state.parent_run_id is not None:
+        """Close the search's MLflow run: after every queued call when the search ended,
+        at once when it was interrupted (a resume logs what the queue held)."""
+        if self.writer is None:
+            return
+        writer, self.writer = self.writer, None
+        writer.close(drain=status == "FINISHED")
+        if self.state.parent_run_id is not None:
             self.tracker.log_artifact_text(self.state.parent_run_id, "budget.txt",
                                            self.ledger.format_summary())
             self.tracker.end_search(self.state.parent_run_id, status)
@@ -381,17 +400,55 @@ class Search:
     # --- display --------------------------------------------------------------------
 
     def _show(self, force: bool = False) -> None:
-        evs = self.state.evaluations.values()
-        best = self.state.best()
         budget = self.ledger.budget
         self.progress.show(self.progress.line(
-            evaluated=len(self.state.evaluations),
-            statuses=Counter(e.status for e in evs),
-            stages=Counter(e.reject_stage for e in evs if e.status == REJECTED),
-            best=mean_fitness(best) if best else None,
+            evaluated=len(self.state.evaluations), outcomes=self.counts,
+            best=records.mean_fitness(self.best) if self.best else None,
             spent=budget.format_amount(self.ledger.spent),
             left=budget.format_amount(self.ledger.remaining),
             in_flight=len(self.in_flight)), force=force)
+
+
+class _Queued:
+    """A tracker's log_artifact_text, written by the writer in its turn."""
+
+    def __init__(self, writer):
+        self.writer = writer
+
+    def log_artifact_text(self, parent_run_id: str, name: str, text: str) -> None:
+        self.writer.put(_log_text, parent_run_id, name, text)
+
+
+# --- the writes the writer runs (writer.py), off the driver's loop ------------------------
+
+
+def _new_tracker(uri: str, artifact_location: str | None):
+    import logging
+
+    from evonas.search.tracking import SearchTracker
+
+    # MLflow announces its schema migrations at INFO; the progress line says enough.
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    return SearchTracker(uri, artifact_location=artifact_location)
+
+
+def _log_candidate(tracker, parent_run_id: str, cand: Candidate, ev: Evaluation) -> None:
+    """One candidate's MLflow run; its formula, LaTeX and exported code are derived here."""
+    from evonas.layers import symbolic
+    from evonas.layers.export import export_source
+
+    genome = Genome.from_dict(cand.genome)
+    tracker.log_candidate(parent_run_id, cand, ev, genome=genome,
+                          formula=symbolic.equation(genome), latex=symbolic.latex(genome),
+                          source=export_source(genome, "EvolvedNormAct"))
+
+
+def _log_summary(tracker, parent_run_id: str, summary: dict, step: int) -> None:
+    tracker.log_summary(parent_run_id, summary, step=step)
+
+
+def _log_text(tracker, parent_run_id: str, name: str, text: str) -> None:
+    tracker.log_artifact_text(parent_run_id, name, text)
 
 
 def _stopped_at(ev: Evaluation) -> str:
@@ -410,4 +467,4 @@ def _evaluate_entry(payload: dict) -> dict:
     return evaluate_candidate(payload)
 
 
-__all__ = ["Search", "SearchState", "mean_fitness"]
+__all__ = ["Search", "new_controller", "search_budget"]

@@ -15,8 +15,6 @@ Order, cheapest rejection first:
 
 from __future__ import annotations
 
-import os
-import socket
 import time
 
 import numpy as np
@@ -27,6 +25,7 @@ from evonas.layers.interpreter import layer_factory
 from evonas.proxy.data import load_dataset
 from evonas.proxy.models import build_model
 from evonas.proxy.train import ProxyConfig, ProxyTrainer
+from evonas.runtime.limits import task_device, worker_name
 from evonas.search.records import FAILED, REJECTED, SURVIVOR, Candidate, Evaluation
 from evonas.search.config import SearchConfig
 from evonas.search.rejection import stability_check
@@ -45,10 +44,6 @@ def proxy_seed(search_seed: int) -> int:
     return int(np.random.SeedSequence([search_seed, 0x5EED]).generate_state(1)[0])
 
 
-def _device(config: SearchConfig) -> str:
-    return "cuda" if config.gpus_per_eval > 0 and torch.cuda.is_available() else "cpu"
-
-
 def _proxy_config(config: SearchConfig, arch: str) -> ProxyConfig:
     return ProxyConfig(arch=arch, width=config.proxy_width, steps=config.proxy_steps,
                        batch_size=config.proxy_batch_size, lr=config.proxy_lr,
@@ -59,11 +54,13 @@ def evaluate_candidate(payload: dict) -> dict:
     candidate = Candidate.from_dict(payload["candidate"])
     config = SearchConfig.from_dict(payload["config"])
     deadline = time.monotonic() + config.eval_time_limit_s
-    device = _device(config)
+    # An evaluation that holds a GPU share and finds no CUDA fails here, loudly: on the
+    # CPU it would run many times slower and be charged as GPU time it never used.
+    device = task_device(config.gpus_per_eval)
     on_gpu = device == "cuda"
     ev = Evaluation(candidate.candidate_id, SURVIVOR, device="gpu" if on_gpu else "cpu",
                     share=config.gpus_per_eval if on_gpu else config.cpus_per_eval,
-                    worker=f"{socket.gethostname()}:{os.getpid()}")
+                    worker=worker_name())
     genome = Genome.from_dict(candidate.genome)
     groups = load_space(config.space).groups
     factory = layer_factory(genome, groups=groups)

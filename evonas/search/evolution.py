@@ -238,8 +238,11 @@ class Controller(ABC):
         """Every told candidate, in order of tell. Read-only."""
 
     @abstractmethod
-    def to_state(self) -> dict:
-        """A JSON-safe snapshot; from_state() resumes from it (in-flight ids dropped)."""
+    def to_state(self, *, history: bool = True) -> dict:
+        """A JSON-safe snapshot; from_state() resumes from it (in-flight ids dropped).
+        history=False leaves the history out (an empty list), for a caller that keeps the
+        told outcomes itself and puts them back before from_state: the history grows with
+        every tell, the rest of the state does not."""
 
     @classmethod
     @abstractmethod
@@ -340,7 +343,7 @@ class _BaseController(Controller):
 
     # --- state -------------------------------------------------------------------------
 
-    def _common_state(self) -> dict:
+    def _common_state(self, history: bool) -> dict:
         # In-flight seeds go back to the front of the queue: the zoo is always evaluated.
         seeds = [
             (p.mutation[len(ZOO_PREFIX):], p.genome)
@@ -359,7 +362,7 @@ class _BaseController(Controller):
             "history": [
                 [t.candidate_id, t.parent_id, t.mutation, t.status, _listed(t.fitness)]
                 for t in self._history
-            ],
+            ] if history else [],
         }
 
     def _restore_common(self, state: dict) -> None:
@@ -443,8 +446,8 @@ class RegularizedEvolution(_BaseController):
         if len(self._population) > self.config.population_size:
             self._population.popleft()  # aging: the oldest goes, whatever its fitness
 
-    def to_state(self) -> dict:
-        state = self._common_state()
+    def to_state(self, *, history: bool = True) -> dict:
+        state = self._common_state(history)
         state["config"] = asdict(self.config)
         state["additions"] = self._additions
         state["population"] = [
@@ -492,8 +495,8 @@ class RandomSearch(_BaseController):
     def _propose(self) -> tuple[Genome, None, str]:
         return self._random()
 
-    def to_state(self) -> dict:
-        return self._common_state()
+    def to_state(self, *, history: bool = True) -> dict:
+        return self._common_state(history)
 
     @classmethod
     def from_state(cls, state: dict, ops: GenomeOps) -> RandomSearch:

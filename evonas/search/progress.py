@@ -2,6 +2,10 @@
 
 On a terminal the line is redrawn in place; in a log file (CI, a cluster job) a line is
 written every `every` seconds, so logs stay readable.
+
+Each finished candidate counts once, under its outcome (state.py): a candidate equal to an earlier
+one is a duplicate whether that one survived (its fitness reused) or was rejected (its
+verdict reused), and "rejected" lists the stages that rejected a layer on its own.
 """
 
 from __future__ import annotations
@@ -22,16 +26,18 @@ class Progress:
         self._start = clock()
         self._start_count: int | None = None
 
-    def line(self, *, evaluated: int, statuses: Counter, stages: Counter, best: float | None,
+    def line(self, *, evaluated: int, outcomes: Counter, best: float | None,
              spent: str, left: str, in_flight: int) -> str:
+        """outcomes: finished candidates counted by state.outcome."""
         if self._start_count is None:
             self._start_count = evaluated
         minutes = max(self.clock() - self._start, 1e-9) / 60
         rate = (evaluated - self._start_count) / minutes
-        rejected = " ".join(f"{stage} {n}" for stage, n in stages.items()) or "none"
+        rejected = " ".join(f"{key.split(':', 1)[1]} {n}" for key, n in outcomes.items()
+                            if key.startswith("rejected:")) or "none"
         best_text = f"{best:.4f}" if best is not None else "-"
-        return (f"evaluated {evaluated} (survivors {statuses['survivor']}, duplicates "
-                f"{statuses['duplicate']}, failed {statuses['failed']}; rejected: {rejected}) | "
+        return (f"evaluated {evaluated} (survivors {outcomes['survivor']}, duplicates "
+                f"{outcomes['duplicate']}, failed {outcomes['failed']}; rejected: {rejected}) | "
                 f"best {best_text} | spent {spent}, left {left} | {rate:.1f}/min | "
                 f"running {in_flight}")
 

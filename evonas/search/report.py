@@ -43,8 +43,8 @@ from evonas.layers.genome import Genome
 from evonas.search.pareto import pareto_front
 from evonas.search.records import DUPLICATE, FAILED, REJECTED, STAGES, SURVIVOR, Candidate, Evaluation
 from evonas.search.runfolder import RunFolder, atomic_write_text
-from evonas.search.driver import DRIVER_STAGES, mean_fitness
 from evonas.search.results import Run, load_run
+from evonas.search.state import charges, mean_fitness
 
 REPORT_FILE = "report.html"
 FULLTRAIN_FILE = Path("fulltrain") / "leaderboard.json"
@@ -116,20 +116,15 @@ def budget_device(run: Run) -> str | None:
 
 
 def charged_seconds(ev: Evaluation, device: str | None = None) -> float:
-    """Device-seconds the ledger charged for an evaluation (driver.Search._finish): the
-    driver's checks on one CPU, the worker's stages at the share of the device it held."""
-    total = 0.0
-    for stage, seconds in ev.stage_seconds.items():
-        on_driver = stage in DRIVER_STAGES
-        where = "cpu" if on_driver else ev.device
-        if device is None or where == device:
-            total += seconds * (1.0 if on_driver else ev.share)
-    return total
+    """Device-seconds the ledger charged for an evaluation (state.charges), on `device`
+    or on every device (None)."""
+    return sum(seconds * share for _, seconds, share, where in charges(ev)
+               if device is None or where == device)
 
 
 def progress(run: Run, device: str | None = None) -> list[ProgressPoint]:
     """Best-so-far mean fitness after each finished evaluation, in finishing order
-    (state.json keeps evaluations in the order the driver finished them)."""
+    (the journal keeps evaluations in the order the driver finished them)."""
     points, best, hours = [], None, 0.0
     for n, ev in enumerate(run.state.evaluations.values(), 1):
         hours += charged_seconds(ev, device) / 3600.0
@@ -381,7 +376,7 @@ def context(run: Run, *, compare: Run | None = None, top_n: int = TOP_N) -> dict
     if compare is not None:
         runs.append((_run_label(compare), progress(compare, device)))
     best = run.state.best()
-    statuses, _ = run.counts()
+    statuses = Counter(e.status for e in run.state.evaluations.values())
     rows = funnel(run)
     return {
         "title": f"evonas report: {run.path.name}",

@@ -1,7 +1,8 @@
 """Reading a search's run folder: its candidates, their verdicts, the leaderboard.
 
 Read-only: takes no lock, so `evonas top RUN` and `evonas show RUN:ID` work while the
-search runs (the state file is replaced atomically, never half-written).
+search runs (state.json is replaced atomically and names how much of the journal is
+committed: state.py).
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from pathlib import Path
 
 from evonas.errors import EvonasError
 from evonas.layers.genome import Genome
-from evonas.search.records import REJECTED, SURVIVOR, Candidate, Evaluation
-from evonas.search.runfolder import RunFolder
+from evonas.search import state as records
 from evonas.search.config import SearchConfig
-from evonas.search.driver import STATE_FORMAT, SearchState, mean_fitness
+from evonas.search.records import Candidate, Evaluation
+from evonas.search.runfolder import RunFolder
+from evonas.search.state import SearchState
 
 
 @dataclass
@@ -41,24 +43,20 @@ class Run:
         return Genome.from_dict(cand.genome).renamed(f"{self.path.name}_{cand.candidate_id}")
 
     def leaderboard(self, n: int) -> list[tuple[Candidate, Evaluation]]:
-        scored = [e for e in self.state.evaluations.values() if e.status == SURVIVOR]
-        scored.sort(key=lambda e: (-mean_fitness(e), e.candidate_id))
-        return [(self.state.candidates[e.candidate_id], e) for e in scored[:n]]
+        return [(self.state.candidates[e.candidate_id], e) for e in self.state.leaderboard(n)]
 
-    def counts(self) -> tuple[Counter, Counter]:
-        evs = self.state.evaluations.values()
-        return (Counter(e.status for e in evs),
-                Counter(e.reject_stage for e in evs if e.status == REJECTED))
+    def counts(self) -> Counter:
+        """Finished candidates by state.outcome, as the search's progress line counts them."""
+        return Counter(records.outcome(e) for e in self.state.evaluations.values())
 
 
 def load_run(path: str | Path) -> Run:
     folder = RunFolder.open(path, lock=False)
     config = SearchConfig.from_dict(folder.read_config())
-    raw = folder.read_state()
-    if raw is None or raw.get("format") != STATE_FORMAT:
+    loaded = records.read(folder)
+    if loaded is None:
         raise EvonasError(f"{path}: holds no search state yet")
-    state = SearchState.from_dict(raw)
-    return Run(Path(path), config, state)
+    return Run(Path(path), config, loaded[1])
 
 
 def split_run_spec(spec: str) -> tuple[str, str] | None:

@@ -1,0 +1,211 @@
+"""The search's records in its run folder, and the rules every reader of them shares.
+
+Where it sits: the driver (driver.py) writes these records after every finished
+evaluation; the report (report.py), the results reader (results.py, behind `evonas top`,
+`show RUN:ID`, `export RUN:ID`) and full training (fulltrain/) read them. None of them
+imports the driver.
+
+Two files, so that recording a candidate costs the same at the 10th and the 100,000th:
+
+    journal.jsonl  one line per finished candidate, {"candidate": ..., "evaluation": ...},
+                   in the order the driver finished them; only ever appended to
+    state.json     the bounded rest (STATE_FORMAT): the controller's population and random
+                   state (its history is rebuilt from the journal), the ledger, the MLflow
+                   parent run, the driver's own seconds, and `journal_bytes`: how much of
+                   the journal is committed
+
+A candidate is finished when a state.json naming its line has replaced the previous one.
+The journal line is written first, so a kill between the two leaves a line past
+journal_bytes: readers ignore it and a resume cuts it off (the controller never learnt of
+it, and proposes afresh). Run folders of the first format kept everything in state.json
+(LEGACY_FORMAT); they are read as they are and rewritten in two files on resume.
+
+The rules: the mean fitness (the scalar of `RUN:best`, `evonas top` and the report), the
+ranking of survivors (best mean first, ties toward the lower candidate id), which seconds
+of an evaluation the ledger charges to which device at which share, and what status the
+controller is told.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from evonas.errors import EvonasError
+from evonas.search.records import REJECTED, SURVIVOR, Candidate, Evaluation
+from evonas.search.runfolder import RunFolder
+
+STATE_FORMAT = "evonas.search-state/2"
+LEGACY_FORMAT = "evonas.search-state/1"
+# Stages run by the driver itself, on its CPU, before a candidate costs a worker anything.
+DRIVER_STAGES = ("static", "numeric", "duplicate")
+
+
+# --- the rules ----------------------------------------------------------------------------
+
+
+def mean_fitness(ev: Evaluation) -> float:
+    return sum(ev.fitness.values()) / len(ev.fitness)
+
+
+def rank_key(ev: Evaluation) -> tuple[float, str]:
+    """Sort key of survivors, best first: the higher mean fitness, then the lower id (the
+    layer found first)."""
+    return -mean_fitness(ev), ev.candidate_id
+
+
+def charges(ev: Evaluation) -> Iterator[tuple[str, float, float, str]]:
+    """(stage, seconds, share, device) the ledger charges for a finished evaluation: the
+    driver's stages at share 1 on its CPU, the worker's at the evaluation's share of its
+    device."""
+    for stage, seconds in ev.stage_seconds.items():
+        on_driver = stage in DRIVER_STAGES
+        yield stage, seconds, 1.0 if on_driver else ev.share, "cpu" if on_driver else ev.device
+
+
+def told_status(ev: Evaluation) -> str:
+    """The status the controller is told ("rejected:<stage>" for a rejection)."""
+    return ev.status if ev.status != REJECTED else f"rejected:{ev.reject_stage}"
+
+
+def outcome(ev: Evaluation) -> str:
+    """What a finished candidate counts as, once: "duplicate" for any candidate equal to
+    an earlier one (its fitness or its rejection reused), "rejected:<stage>" for a layer
+    rejected on its own, else its status (survivor, failed)."""
+    if ev.duplicate_of is not None:
+        return "duplicate"
+    return told_status(ev)
+
+
+# --- what is finished ---------------------------------------------------------------------
+
+
+@dataclass
+class SearchState:
+    """Every finished candidate, and the driver's bookkeeping beside the controller and
+    the ledger."""
+
+    candidates: dict[str, Candidate] = field(default_factory=dict)
+    evaluations: dict[str, Evaluation] = field(default_factory=dict)
+    fingerprints: dict[str, str] = field(default_factory=dict)  # fingerprint -> evaluated id
+    parent_run_id: str | None = None
+    # Seconds the driver itself spent (checks, controller, state), not waiting for
+    # workers: what bounds how many workers one driver can feed.
+    driver_seconds: float = 0.0
+
+    def add(self, cand: Candidate, ev: Evaluation) -> None:
+        """Record a finished candidate. A layer evaluated on its own (not a duplicate, not
+        a failure: that says nothing of the layer) becomes the original its equivalents
+        reuse."""
+        if ev.status in (SURVIVOR, REJECTED) and cand.fingerprint and ev.duplicate_of is None:
+            self.fingerprints.setdefault(cand.fingerprint, cand.candidate_id)
+        self.candidates[cand.candidate_id] = cand
+        self.evaluations[cand.candidate_id] = ev
+
+    def survivors(self) -> list[Evaluation]:
+        return [e for e in self.evaluations.values() if e.status == SURVIVOR]
+
+    def leaderboard(self, n: int | None = None) -> list[Evaluation]:
+        return sorted(self.survivors(), key=rank_key)[:n]
+
+    def best(self) -> Evaluation | None:
+        """The first of the leaderboard: what `RUN:best` names."""
+        board = self.leaderboard(1)
+        return board[0] if board else None
+
+    def history(self, archs: list[str]) -> list[list]:
+        """The controller's history (evolution.py's to_state entries), in telling order."""
+        return [[cid, c.parent_id, c.mutation, told_status(e), _listed(e.objectives(archs))]
+                for (cid, c), e in zip(self.candidates.items(), self.evaluations.values())]
+
+
+def _listed(fitness) -> list[float] | None:
+    return None if fitness is None else list(fitness)
+
+
+# --- the journal --------------------------------------------------------------------------
+
+
+class Journal:
+    """journal.jsonl open for appending, cut back to its committed length."""
+
+    def __init__(self, path: Path, committed: int):
+        self.path = path
+        # Bytes past `committed` are a line whose state.json never came: not finished.
+        with open(path, "ab") as f:
+            f.truncate(committed)
+        self._file = open(path, "ab")
+        self.size = committed
+
+    def append(self, cand: Candidate, ev: Evaluation) -> None:
+        """Write one line to the kernel (it survives a kill of this process from here)."""
+        # vars(): the records' fields as they are; to_dict (dataclasses.asdict) would copy
+        # the genome deeply first, a third of a line's cost.
+        line = json.dumps({"candidate": vars(cand), "evaluation": vars(ev)},
+                          ensure_ascii=False, allow_nan=False).encode("utf-8") + b"\n"
+        self._file.write(line)
+        self._file.flush()
+        self.size += len(line)
+
+    def sync(self) -> None:
+        os.fdatasync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_journal(path: Path, committed: int) -> Iterator[tuple[Candidate, Evaluation]]:
+    """The committed entries of a journal, in finishing order."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(committed)
+    except FileNotFoundError:
+        data = b""
+    if len(data) != committed:
+        raise EvonasError(f"{path}: shorter than state.json says ({len(data)} of {committed} "
+                          f"bytes; cut by a power loss?); restore the run folder from a copy")
+    for line in data.splitlines():
+        entry = json.loads(line)
+        yield Candidate.from_dict(entry["candidate"]), Evaluation.from_dict(entry["evaluation"])
+
+
+# --- state.json ---------------------------------------------------------------------------
+
+
+def read(folder: RunFolder) -> tuple[dict, SearchState] | None:
+    """(state.json as a dict, the finished candidates), or None before the first save.
+    Raises EvonasError for a file that is no search state."""
+    raw = folder.read_state()
+    if raw is None:
+        return None
+    state = SearchState(parent_run_id=raw.get("parent_run_id"),
+                        driver_seconds=raw.get("driver_seconds", 0.0))
+    if raw.get("format") == STATE_FORMAT:
+        entries = read_journal(folder.journal_path, int(raw["journal_bytes"]))
+    elif raw.get("format") == LEGACY_FORMAT:
+        entries = ((Candidate.from_dict(raw["candidates"][cid]), Evaluation.from_dict(ev))
+                   for cid, ev in raw["evaluations"].items())
+    else:
+        raise EvonasError(f"{folder.path}: state.json is not a search state "
+                          f"({raw.get('format')!r}); start a new search in another folder")
+    for cand, ev in entries:
+        state.add(cand, ev)
+    return raw, state
+
+
+def write(folder: RunFolder, state: SearchState, *, journal_bytes: int, controller: dict,
+          ledger: dict, durable: bool = True) -> None:
+    """Replace state.json: the commit of every journal line up to journal_bytes.
+    durable=False skips the fsyncs: the file still survives a kill of this process, not
+    necessarily a power loss."""
+    folder.write_state({"format": STATE_FORMAT, "controller": controller, "ledger": ledger,
+                        "parent_run_id": state.parent_run_id,
+                        "driver_seconds": state.driver_seconds,
+                        "journal_bytes": journal_bytes}, durable=durable)
+
+
+__all__ = ["STATE_FORMAT", "DRIVER_STAGES", "SearchState", "Journal", "mean_fitness",
+           "rank_key", "charges", "told_status", "outcome", "read", "write", "read_journal"]
