@@ -1,6 +1,7 @@
 """The layer commands as a user runs them: real processes, real files, exit codes."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -56,6 +57,18 @@ def test_export_writes_a_module_that_runs_without_evonas(tmp_path):
     assert run.stdout.split() == ["(2,", "16,", "4,", "4)", "False"], run.stderr
 
 
+def test_a_reader_that_leaves_early_ends_the_command_quietly():
+    # As `evonas zoo | head -0`: the reader has closed the pipe before the first line comes.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        out = subprocess.run([sys.executable, "-m", "evonas", "zoo"], stdout=write_end,
+                             stderr=subprocess.PIPE, text=True, timeout=300)
+    finally:
+        os.close(write_end)
+    assert (out.returncode, out.stderr) == (1, "")
+
+
 @pytest.mark.parametrize("make_args, message", [
     (lambda d: ["show", "evonorm_z9"], "is neither a zoo layer, a genome file nor RUN:ID"),
     (lambda d: ["show", str(d / "bad.json")], "not valid JSON"),
@@ -82,5 +95,5 @@ def test_bad_input_gets_one_line_exit_2_and_writes_nothing(tmp_path, make_args, 
 def test_demo_runs_and_exports_the_zoo(tmp_path):
     out = evonas("demo", "--out", str(tmp_path / "demo"))
     assert out.returncode == 0, out.stderr
-    assert len(list((tmp_path / "demo").glob("*.py"))) == 11
+    assert len(list((tmp_path / "demo").glob("*.py"))) == 18  # 11 conv and 7 sequence layers
     assert "after" in out.stdout

@@ -276,3 +276,119 @@ def test_export_has_no_unused_kernels():
     assert "def resolve_groups" in source
     data = export_source(S0)
     assert data.count("def _grouped") == 1 and data.count("def group_std") == 1
+
+
+# --- sequence (ntc) layers: drop-ins for torch.nn.LayerNorm -------------------------------
+
+# bn_nt then Derf on top, through a per-feature vector: running estimates, scalars, the
+# fused batch norm over (L, C) rows and an unfused per-token group statistic.
+SEQ = chain(("mean_NT", ["x"]), ("neg", ["n1"]), ("add", ["x", "n2"]), ("std_NT", ["x"]),
+            ("div", ["n3", "n4"]), ("mul", ["alpha", "n5"]), ("add", ["n6", "shift"]),
+            ("erf", ["n7"]), ("rms_G", ["x"]), ("mul", ["n8", "n9"]), ("mul", ["n10", "v1"]),
+            layout="ntc", scalars={"alpha": 0.5, "shift": 0.1}, name="seq_mix")
+LN = chain(("mean_C", ["x"]), ("neg", ["n1"]), ("add", ["x", "n2"]), ("std_C", ["x"]),
+           ("div", ["n3", "n4"]), layout="ntc")
+SEQ_GENOMES = {"mix": SEQ, "layernorm": LN}
+
+
+def seq_pair(genome, folder, **kw):
+    interpreted = GenomeLayer(genome, C, groups=4)
+    with torch.no_grad():
+        for seed, p in enumerate(interpreted.parameters()):
+            p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)))
+    exported = load_module(genome, folder).EvolvedNormAct(C, groups=4, **kw)
+    exported.load_state_dict(interpreted.state_dict(), strict=not kw)  # kw may drop the affine
+    return interpreted, exported
+
+
+def tokens(seed, shape=(4, 6)):
+    return torch.randn(*shape, C, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", list(SEQ_GENOMES))
+def test_sequence_export_matches_interpreter_through_training(name, tmp_path):
+    interpreted, exported = seq_pair(SEQ_GENOMES[name], tmp_path)
+    for seed in range(3):
+        assert_step_same(interpreted, exported, tokens(seed))
+        assert_state_same(interpreted, exported)
+    interpreted.eval()
+    exported.eval()
+    assert_step_same(interpreted, exported, tokens(9, (2, 3, 5)))  # any (..., C)
+
+
+def test_sequence_constructor_is_layernorms(tmp_path):
+    layer_class = load_module(SEQ, tmp_path).EvolvedNormAct
+    params = [(p.name, p.default) for p in inspect.signature(layer_class).parameters.values()]
+    want = [(p.name, p.default)
+            for p in inspect.signature(torch.nn.LayerNorm).parameters.values()]
+    assert params[:len(want)] == want  # then the search's own keywords, all defaulted
+    assert all(default is not inspect.Parameter.empty for _, default in params[len(want):])
+    for shape in (C, (C,), [C]):
+        assert layer_class(shape).normalized_shape == (C,)
+    with pytest.raises(ValueError, match="last dimension only"):
+        layer_class((3, C))
+
+
+def test_sequence_export_loads_an_nn_layernorm(tmp_path):
+    ln = torch.nn.LayerNorm(C)
+    with torch.no_grad():
+        ln.weight.normal_(generator=torch.Generator().manual_seed(0))
+        ln.bias.normal_(generator=torch.Generator().manual_seed(1))
+    exported = load_module(LN, tmp_path).EvolvedNormAct(C)
+    exported.load_state_dict(ln.state_dict())
+    x = tokens(0)
+    assert_same(exported(x), ln(x))
+
+
+@pytest.mark.parametrize("kw, params", [
+    (dict(elementwise_affine=False), []),
+    (dict(bias=False), ["weight"]),
+])
+def test_sequence_affine_switches_like_layernorm(kw, params, tmp_path):
+    interpreted = GenomeLayer(LN, C)
+    exported = load_module(LN, tmp_path).EvolvedNormAct(C, **kw)
+    ln = torch.nn.LayerNorm(C, **kw)
+    assert [k for k, _ in exported.named_parameters()] == params
+    assert [k for k, _ in ln.named_parameters()] == params
+    x = tokens(1)
+    assert_same(exported(x), ln(x))
+    assert_same(exported(x), interpreted(x))  # weight 1 and bias 0 are no affine
+
+
+@no_script_warning
+@pytest.mark.parametrize("kw", [{}, dict(elementwise_affine=False), dict(bias=False)])
+def test_sequence_torchscript_matches(kw, tmp_path):
+    interpreted, exported = seq_pair(SEQ, tmp_path, **kw)
+    scripted = torch.jit.script(exported)
+    x = tokens(2)
+    assert_same(scripted(x), exported(x))
+    if not kw:
+        assert_step_same(interpreted, scripted, tokens(3))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sequence_torch_compile_matches(tmp_path):
+    interpreted, exported = seq_pair(SEQ, tmp_path)
+    compiled = torch.compile(exported, backend="aot_eager")
+    assert_step_same(interpreted, compiled, tokens(0))
+    assert_state_same(interpreted, exported)
+
+
+def test_sequence_docstrings_carry_formula_genome_and_scalars(tmp_path):
+    module = load_module(SEQ, tmp_path)
+    text = symbolic.formula(SEQ)
+    assert "erf(alpha*" in text
+    for doc in (module.__doc__, module.EvolvedNormAct.__doc__):
+        assert f"y = {text}" in doc and SEQ.structural_hash in doc
+        back = genome_in(doc)
+        assert back == SEQ and back.layout == "ntc" and back.scalars == SEQ.scalars
+    assert "nn.LayerNorm" in module.__doc__ and "Learnt scalars: alpha, shift" in \
+        module.EvolvedNormAct.__doc__
+
+
+def test_layernorm_export_is_one_fused_call_with_its_affine():
+    body = export_source(LN, formula=False).split("def forward", 1)[1]
+    assert "n5 = token_normalize_affine(x, weight, bias, self.eps)\n            return n5" in body
+    # without weight and bias the plain kernel runs, and the affine only where present
+    assert "n5 = token_normalize(x, self.eps)" in body

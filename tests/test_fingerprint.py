@@ -188,3 +188,67 @@ def test_random_genomes_collide_only_when_equivalent():
     false = [(gr[0], g) for gr in groups for g in gr[1:]
              if not agree(independent_outputs(gr[0]), independent_outputs(g))]
     assert not false, false
+
+
+# --- sequence (ntc) genomes ---------------------------------------------------------------
+
+
+def seq(*steps, **scalars):
+    return chain(*steps, layout="ntc", scalars=scalars)
+
+
+def test_sequence_probes_are_the_conv_numbers_with_features_last():
+    (x,) = probe_inputs((1.0,), layout="ntc")
+    (conv,) = probe_inputs((1.0,))
+    assert x.shape == (6, 25, 8) and torch.equal(x, conv.flatten(2).transpose(1, 2))
+
+
+def test_sequence_statistics_and_scalars_fingerprint_by_function():
+    ln = [("mean_C", ["x"]), ("neg", ["n1"]), ("add", ["x", "n2"]), ("std_C", ["x"])]
+    assert functional_fingerprint(seq(*ln, ("div", ["n3", "n4"]))) == functional_fingerprint(
+        seq(*ln, ("div", ["one", "n4"]), ("mul", ["n3", "n5"])))
+    stats = {functional_fingerprint(seq((f"mean_{a}", ["x"]), ("mul", ["x", "n1"])))
+             for a in ("C", "G", "NT", "T")}
+    assert len(stats) == 4
+    # scalars of equal initial values are one function; a scalar starting at 1 is not 1
+    dyt = functional_fingerprint(seq(("mul", ["alpha", "x"]), ("tanh", ["n1"]), alpha=0.5))
+    assert dyt == functional_fingerprint(seq(("mul", ["beta", "x"]), ("tanh", ["n1"]), beta=0.5))
+    assert dyt != functional_fingerprint(seq(("mul", ["alpha", "x"]), ("tanh", ["n1"]), alpha=1.0))
+    assert functional_fingerprint(seq(("mul", ["gain", "x"]), ("tanh", ["n1"]), gain=1.0)) \
+        != functional_fingerprint(seq(("tanh", ["x"])))
+
+
+def independent_sequence_outputs(genome):
+    """As independent_outputs, for (N, T, C) genomes: other shape, groups, scales, seed,
+    and scalars moved by another amount."""
+    gen = torch.Generator().manual_seed(7)
+    layer = GenomeLayer(genome, 12, groups=3, dtype=torch.float64)
+    with torch.no_grad():
+        for name in ("v0", "v1"):
+            values = 2.0 * torch.randn(12, generator=gen, dtype=torch.float64)
+            if hasattr(layer, name):
+                getattr(layer, name).copy_(values)
+        for name, init in genome.scalars.items():
+            getattr(layer, name).fill_(init - 0.37)
+        spread = torch.exp(torch.randn(5, 1, 12, generator=gen, dtype=torch.float64))
+        base = torch.randn(5, 9, 12, generator=gen, dtype=torch.float64) * spread
+        base = base + torch.randn(5, 1, 12, generator=gen, dtype=torch.float64)
+        xs = [base * s for s in (0.03, 0.7, 3.0, 40.0)]
+        layer.train()
+        out = [layer(x) for x in xs]
+        layer.eval()
+        return out + [layer(x) for x in xs]
+
+
+def test_random_sequence_genomes_collide_only_when_equivalent():
+    space = load_space("seq_bidirectional")
+    rng = np.random.default_rng(2025)
+    genomes = [random_genome(space, rng) for _ in range(300)]
+    by_fp = collections.defaultdict(dict)
+    for g in genomes:
+        by_fp[functional_fingerprint(g)].setdefault(g.structural_hash, g)
+    groups = [list(v.values()) for v in by_fp.values() if len(v) > 1]
+    assert len(by_fp) > 100
+    false = [(gr[0], g) for gr in groups for g in gr[1:]
+             if not agree(independent_sequence_outputs(gr[0]), independent_sequence_outputs(g))]
+    assert not false, false

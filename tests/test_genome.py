@@ -45,6 +45,31 @@ def node(id, op, *inputs):
      "is not supported"),
     (json.dumps({"nodes": [{"id": "a", "op": "neg", "inputs": "x"}], "output": "a"}),
      "'inputs' must be a list"),
+    (json.dumps({"nodes": [node("a", "mean_C", "x"), node("b", "mul", "a", "x")], "output": "b"}),
+     'mean_C is a statistic of ntc layers'),
+    (json.dumps({"layout": "ntc", "nodes": [node("a", "mean_NHW", "x"),
+                                            node("b", "mul", "a", "x")], "output": "b"}),
+     "mean_NHW is a statistic of nchw layers"),
+    (json.dumps({"layout": "nhwc", "nodes": [node("a", "neg", "x")], "output": "a"}),
+     "layout 'nhwc' is not one of nchw, ntc"),
+    (json.dumps({"layout": ["ntc"], "nodes": [node("a", "neg", "x")], "output": "a"}),
+     "layout ['ntc'] is not one of nchw, ntc"),
+    (json.dumps({"nodes": [node("a", "mul", "alpha", "x")], "output": "a"}),
+     "input 'alpha' is neither a node, a declared scalar"),
+    (json.dumps({"scalars": {"weight": 1.0}, "nodes": [node("a", "mul", "weight", "x")],
+                 "output": "a"}), "scalar name 'weight'"),
+    (json.dumps({"scalars": {"n3": 1.0}, "nodes": [node("a", "mul", "n3", "x")],
+                 "output": "a"}), "scalar name 'n3'"),
+    (json.dumps({"scalars": {"safe_div": 1.0}, "nodes": [node("a", "mul", "safe_div", "x")],
+                 "output": "a"}), "scalar name 'safe_div'"),
+    (json.dumps({"scalars": {"eval": 1.0}, "nodes": [node("a", "mul", "eval", "x")],
+                 "output": "a"}), "scalar name 'eval'"),
+    (json.dumps({"scalars": {"a": float("nan")}, "nodes": [node("b", "mul", "a", "x")],
+                 "output": "b"}), "scalar 'a': initial value nan"),
+    (json.dumps({"scalars": [1], "nodes": [node("b", "neg", "x")], "output": "b"}),
+     "'scalars' maps names to initial values"),
+    (json.dumps({"scalars": {"a": 1.0}, "nodes": [node("a", "neg", "x")], "output": "a"}),
+     "name of a graph input"),
 ])
 def test_every_defect_gets_a_one_line_message(text, message):
     with pytest.raises(GenomeError) as err:
@@ -98,3 +123,58 @@ def test_graph_view_keeps_argument_positions_and_repeated_inputs():
     assert graph.number_of_edges("x", "n1") == 2
     assert {d["arg"] for _, _, d in graph.in_edges("n2", data=True)} == {0, 1}
     assert graph.nodes["v1"]["input"] and graph.graph["output"] == "n2"
+
+
+DYT = {"format": FORMAT, "layout": "ntc", "scalars": {"alpha": 0.5},
+       "nodes": [node("n1", "mul", "alpha", "x"), node("n2", "tanh", "n1")], "output": "n2"}
+
+
+def test_layout_and_scalars_round_trip_and_are_written_only_when_set(tmp_path):
+    g = Genome.from_dict(DYT)
+    assert g.layout == "ntc" and g.scalars == {"alpha": 0.5} and g.inputs_used == {"x", "alpha"}
+    assert g.to_dict() == DYT
+    g.save(tmp_path / "dyt.json")
+    assert Genome.load(tmp_path / "dyt.json") == g
+    assert set(b0().to_dict()) == {"format", "name", "nodes", "output"}  # conv files as before
+
+
+def test_unused_scalars_are_pruned_like_dead_nodes():
+    g = chain(("neg", ["x"]), layout="ntc", scalars={"alpha": 0.5, "shift": 0.0})
+    assert g.scalars == {} and "scalars" not in g.to_dict()
+
+
+def test_layout_and_scalar_values_are_part_of_identity_and_hash():
+    ntc = Genome.from_dict(DYT)
+    other_init = Genome.from_dict({**DYT, "scalars": {"alpha": 1.0}})
+    nchw = Genome.from_dict({k: v for k, v in DYT.items() if k != "layout"})
+    renamed = Genome.from_dict({**DYT, "scalars": {"beta": 0.5}, "nodes": [
+        node("n1", "mul", "beta", "x"), node("n2", "tanh", "n1")]})
+    hashes = {g.structural_hash for g in (ntc, other_init, nchw, renamed)}
+    assert len(hashes) == 4 and len({ntc, other_init, nchw, renamed}) == 4
+    # an element-wise genome without scalars keeps its conv hash; a layout wraps it
+    act = chain(("sigmoid", ["x"]), ("mul", ["x", "n1"]))
+    assert act.structural_hash == chain(("sigmoid", ["x"]), ("mul", ["n1", "x"])).structural_hash
+    assert chain(("sigmoid", ["x"]), ("mul", ["x", "n1"]), layout="ntc").structural_hash \
+        != act.structural_hash
+
+
+def test_renamed_keeps_layout_and_scalars():
+    g = Genome.from_dict(DYT).renamed("dyt")
+    assert g.name == "dyt" and g.layout == "ntc" and g.scalars == {"alpha": 0.5}
+
+
+# Structural hashes of the conv zoo as released before layouts and scalars existed: run
+# folders and equivalence caches key on them, so they must not move.
+RELEASED_HASHES = {
+    "bn_relu": "e40aba244d8d4a40", "gn_relu": "fc234f3d92acff3f", "in_relu": "acbdd7753bd6d75e",
+    "ln_relu": "470ec6305f03a325", "bn_silu": "d5dafc194c2966c5",
+    "evonorm_b0": "57eac3f49d9def38", "evonorm_b1": "3703496e90591ee9",
+    "evonorm_b2": "fdae478afc0601cb", "evonorm_s0": "53485602636b82b2",
+    "evonorm_s1": "b55eaec7c0d24398", "evonorm_s2": "b4105458172ff4af",
+}
+
+
+def test_released_structural_hashes_do_not_move():
+    from evonas.layers import zoo
+
+    assert {name: zoo.get(name).structural_hash for name in RELEASED_HASHES} == RELEASED_HASHES

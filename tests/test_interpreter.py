@@ -110,3 +110,72 @@ def test_cuda_matches_cpu():
     gpu = GenomeLayer(B0, 8, device="cuda")
     torch.testing.assert_close(gpu(x.cuda()).cpu(), cpu(x), atol=1e-5, rtol=1e-4)
     assert gpu.running_var_n1.device.type == "cuda"
+
+
+# --- sequence layout ----------------------------------------------------------------------
+
+LN = chain(("mean_C", ["x"]), ("neg", ["n1"]), ("add", ["x", "n2"]), ("std_C", ["x"]),
+           ("div", ["n3", "n4"]), layout="ntc")
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 8), (3, 8), (2, 3, 4, 8)])
+def test_sequence_factory_is_a_norm_layer_over_the_last_dimension(shape):
+    norm_layer = layer_factory(LN)  # what a transformer takes: norm_layer(num_features)
+    layer, ln = norm_layer(8), torch.nn.LayerNorm(8)
+    with torch.no_grad():
+        layer.weight.normal_()
+        ln.weight.copy_(layer.weight)
+    x = torch.randn(*shape)
+    torch.testing.assert_close(layer(x), ln(x))
+
+
+def test_scalars_are_zero_dim_parameters_with_their_initial_values():
+    dyt = chain(("mul", ["alpha", "x"]), ("tanh", ["n1"]), layout="ntc", scalars={"alpha": 0.5})
+    layer = GenomeLayer(dyt, 8, dtype=torch.float64)
+    assert [(k, tuple(p.shape)) for k, p in layer.named_parameters()] == [
+        ("weight", (8,)), ("bias", (8,)), ("alpha", ())]
+    assert layer.alpha.item() == 0.5 and layer.alpha.dtype == torch.float64
+    x = torch.randn(2, 3, 8, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), torch.tanh(0.5 * x))
+    layer(x).sum().backward()
+    assert layer.alpha.grad is not None
+
+
+def test_batch_over_tokens_follows_batchnorm1d_running_estimates():
+    bn_nt = chain(("mean_NT", ["x"]), ("neg", ["n1"]), ("add", ["x", "n2"]), ("std_NT", ["x"]),
+                  ("div", ["n3", "n4"]), layout="ntc")
+    layer, bn = GenomeLayer(bn_nt, 8), torch.nn.BatchNorm1d(8)
+    for seed in range(3):
+        x = torch.randn(4, 6, 8, generator=torch.Generator().manual_seed(seed)) * 2 + 1
+        torch.testing.assert_close(layer(x), bn(x.transpose(1, 2)).transpose(1, 2))
+    torch.testing.assert_close(layer.running_var_n4, bn.running_var)
+    layer.eval()
+    bn.eval()
+    x = torch.randn(2, 3, 8)
+    torch.testing.assert_close(layer(x), bn(x.transpose(1, 2)).transpose(1, 2))
+
+
+@pytest.mark.parametrize("mean, std, reference", [
+    ("mean_NHW", "std_NHW", lambda: torch.nn.BatchNorm2d(8)),
+    ("mean_GHW", "std_GHW", lambda: torch.nn.GroupNorm(2, 8)),
+])
+def test_a_closing_normalisation_takes_the_layers_affine_in_one_kernel(mean, std, reference):
+    genome = chain((mean, ["x"]), ("neg", ["n1"]), ("add", ["x", "n2"]), (std, ["x"]),
+                   ("div", ["n3", "n4"]))
+    layer, ref = GenomeLayer(genome, 8, groups=2), reference()
+    assert layer._affine_folded  # torch's norm kernel applies weight and bias
+    with torch.no_grad():
+        for p in (layer.weight, layer.bias):
+            p.normal_(generator=torch.Generator().manual_seed(len(p) + int(p is layer.bias)))
+        ref.weight.copy_(layer.weight)
+        ref.bias.copy_(layer.bias)
+    for mode in (True, False):
+        layer.train(mode)
+        ref.train(mode)
+        x = torch.randn(4, 8, 3, 3, requires_grad=True)
+        (layer(x) * x).sum().backward()
+        grad, x.grad = x.grad, None
+        (ref(x) * x).sum().backward()
+        torch.testing.assert_close(layer(x), ref(x))
+        torch.testing.assert_close(grad, x.grad)
+        torch.testing.assert_close(layer.weight.grad, ref.weight.grad)

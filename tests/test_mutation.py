@@ -32,7 +32,8 @@ CUSTOM = {
     "unary_add": {"name": "unary_add", "ops": ["neg", "sigmoid", "tanh", "exp", "abs", "square",
                                                "log", "sqrt", "add"]},
 }
-SPACES = ["norm_act", "norm_act_s", "act", "small", "unary_add"]
+SPACES = ["norm_act", "norm_act_s", "act", "small", "unary_add", "seq_causal",
+          "seq_bidirectional"]
 B0 = chain(("std_NHW", ["x"]), ("mul", ["v1", "x"]), ("std_HW", ["x"]), ("add", ["n2", "n3"]),
            ("max", ["n1", "n4"]), ("div", ["x", "n5"]), name="evonorm_b0")
 
@@ -62,7 +63,7 @@ def lineages(name):
 
 def assert_valid(g: Genome):
     """The genome invariants, checked independently of the Genome constructor."""
-    dep = {i: i == "x" for i in INPUTS}
+    dep = {i: i == "x" for i in [*INPUTS, *g.scalars]}
     used = set()
     for k, n in enumerate(g.nodes):
         assert n.id == f"n{k + 1}"
@@ -128,6 +129,30 @@ def test_act_has_no_aggregates_and_norm_act_s_no_batch_statistics():
                for op in g.ops_used)
 
 
+def test_sequence_genomes_take_layout_and_scalars_from_their_space():
+    causal = space("seq_causal")
+    inits = dict(causal.scalars)
+    genomes = [g for name in ("seq_causal", "seq_bidirectional") for line in lineages(name)
+               for g, _ in line]
+    assert all(g.layout == "ntc" for g in genomes)
+    with_scalars = [g for g in genomes if g.scalars]
+    assert len(with_scalars) > 0.2 * len(genomes)  # the scalars are drawn like any input
+    assert all(g.scalars == {k: inits[k] for k in g.scalars} for g in with_scalars)
+    for line in lineages("seq_causal"):  # no statistic over tokens in a causal space
+        assert not any(op.endswith(("_T", "_NT")) for g, _ in line for op in g.ops_used)
+    assert any(op.endswith("_NT") for line in lineages("seq_bidirectional") for g, _ in line
+               for op in g.ops_used)
+
+
+def test_a_child_keeps_its_parents_scalar_values():
+    parent = chain(("mul", ["alpha", "x"]), ("tanh", ["n1"]), layout="ntc",
+                   scalars={"alpha": 2.0})
+    rng = np.random.default_rng(0)
+    children = [mutate(parent, space("seq_causal"), rng)[0] for _ in range(200)]
+    kept = [c for c in children if "alpha" in c.scalars]
+    assert kept and all(c.scalars["alpha"] == 2.0 for c in kept)
+
+
 @pytest.mark.parametrize("name", SPACES)
 def test_same_seed_same_genomes(name):
     for seed in range(0, SEEDS, 10):
@@ -138,11 +163,13 @@ def test_same_seed_same_genomes(name):
 def test_a_sample_runs_through_the_layer():
     # inf and nan are allowed: the numeric rejection stage judges those.
     x = torch.randn(4, 16, 3, 3, generator=torch.Generator().manual_seed(0))
+    inputs = {"nchw": x, "ntc": x.flatten(2).transpose(1, 2)}  # (N, T, C): C last
     picked = [line[-1][0] for name in SPACES for line in lineages(name)[:10]]
     for g in picked:
         layer = GenomeLayer(g, 16, groups=8)
+        x = inputs[g.layout]
         with torch.no_grad():
-            layer(x)
+            assert layer(x).shape == x.shape
             layer.eval()
             layer(x)
 

@@ -2,7 +2,10 @@
 
 Each op is run in the smallest genome that uses it by the interpreter (its `kernel`), by
 an exported module (its `source` and copied `helpers`) and through the formula (its
-`symbol`, evaluated by symbolic.numeric). Adding an op to ops.py adds it here.
+`symbol`, evaluated by symbolic.numeric), on an input of its layout: (N, C, H, W) for the
+conv aggregates, (N, T, C) for the sequence ones, both for element-wise ops. Adding an op
+to ops.py adds it here; so does adding a layout. Learnt scalars, the inputs a genome
+declares itself, get the same three-way check.
 """
 
 import importlib.util
@@ -17,32 +20,42 @@ from evonas.layers.export import export_source
 from evonas.layers.genome import chain
 from evonas.layers.interpreter import GenomeLayer
 from evonas.layers.lowering import lower
-from evonas.layers.ops import AGGREGATE, OPS
+from evonas.layers.ops import AGGREGATE, LAYOUTS, OPS
 
 C, GROUPS = 4, 2
 _module_ids = itertools.count()
+# Every op with every layout it fits: aggregates their own, element-wise ops all.
+CASES = [(name, layout) for name, op in OPS.items() for layout in LAYOUTS
+         if op.layout in (None, layout)]
+IDS = [f"{name}-{layout}" for name, layout in CASES]
 
 
 
 
-def smallest_genome(name):
+def smallest_genome(name, layout):
+    return chain(*_smallest_steps(name, layout), layout=layout)
+
+
+def _smallest_steps(name, layout):
     op = OPS[name]
     if name == "div_unguarded":  # not searchable: lowering makes it from a division by a std
-        return chain(("std_HW", ["x"]), ("div", ["x", "n1"]))
+        return [("std_HW" if layout == "nchw" else "std_C", ["x"]), ("div", ["x", "n1"])]
     if name.startswith("normalize"):  # not searchable: lowering fuses the normalisation
         axes = op.axes
         steps = [(f"mean_{axes}", ["x"]), ("neg", ["n1"]), ("add", ["x", "n2"]),
                  (f"std_{axes}", ["x"]), ("div", ["n3", "n4"])]
-        if op.arity == 3:
-            steps += [("mul", ["n5", "v1"]), ("add", ["v0", "n6"])]
-        return chain(*steps)
+        # the affine form takes v1 and v0; the plain one is followed by a product with x,
+        # so the layer's own affine is not folded into it (lowering.fold_affine)
+        steps += ([("mul", ["n5", "v1"]), ("add", ["v0", "n6"])] if op.arity == 3 else
+                  [("mul", ["x", "n5"])])
+        return steps
     if op.kind == AGGREGATE:
         # Times x, so the output keeps x's shape and has a gradient in eval mode too.
-        return chain((name, ["x"]), ("mul", ["x", "n1"]))
+        return [(name, ["x"]), ("mul", ["x", "n1"])]
     if op.arity == 1:
-        return chain((name, ["x"]))
+        return [(name, ["x"])]
     # exp(x) is the second x-dependent value: positive, so a safe denominator.
-    return chain(("exp", ["x"]), (name, ["x", "n1"]))
+    return [("exp", ["x"]), (name, ["x", "n1"])]
 
 
 def load_exported(genome, folder):
@@ -55,10 +68,11 @@ def load_exported(genome, folder):
     return module.EvolvedNormAct
 
 
-def sample_input(seed=0):
+def sample_input(seed=0, layout="nchw"):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(3, C, 3, 3, generator=g)
-    return x + 0.2 * torch.sign(x)  # away from 0, where log and sqrt are steep
+    x = x + 0.2 * torch.sign(x)  # away from 0, where log and sqrt are steep
+    return x if layout == "nchw" else x.flatten(2).transpose(1, 2)  # (3, 9 tokens, C)
 
 
 def run(layer, x):
@@ -75,17 +89,40 @@ def assert_same(a, b):
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def layers(name, folder):
-    genome = smallest_genome(name)
-    assert name in {s.op.name for s in lower(genome)}
+def layers(genome, folder):
     exported = load_exported(genome, folder)(C, groups=GROUPS)
-    return genome, GenomeLayer(genome, C, groups=GROUPS), exported
+    return GenomeLayer(genome, C, groups=GROUPS), exported
 
 
-@pytest.mark.parametrize("name", list(OPS))
-def test_interpreter_export_and_formula_agree(name, tmp_path):
-    genome, interpreted, exported = layers(name, tmp_path)
-    x = sample_input()
+def op_layers(name, layout, folder):
+    genome = smallest_genome(name, layout)
+    assert name in {s.op.name for s in lower(genome)}
+    return (genome, *layers(genome, folder))
+
+
+@pytest.mark.parametrize("name, layout", CASES, ids=IDS)
+def test_interpreter_export_and_formula_agree(name, layout, tmp_path):
+    assert_three_readings_agree(*op_layers(name, layout, tmp_path), sample_input(0, layout))
+
+
+# A scalar read twice and one read once, next to a vector: tanh(a*x + s) * a * v1.
+SCALAR_STEPS = [("mul", ["a", "x"]), ("add", ["n1", "s"]), ("tanh", ["n2"]), ("mul", ["n3", "a"]),
+                ("mul", ["n4", "v1"])]
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_learnt_scalars_agree_in_every_reading(layout, tmp_path):
+    genome = chain(*SCALAR_STEPS, layout=layout, scalars={"a": 0.7, "s": -0.2})
+    interpreted, exported = layers(genome, tmp_path)
+    with torch.no_grad():
+        interpreted.a.fill_(1.3)  # away from the initial value: the formula is told it
+        exported.load_state_dict(interpreted.state_dict())
+    assert_three_readings_agree(genome, interpreted, exported, sample_input(3, layout),
+                                a=1.3)
+    assert exported.s.item() == pytest.approx(-0.2) and exported.s.shape == ()
+
+
+def assert_three_readings_agree(genome, interpreted, exported, x, **scalars):
     for mode in ("train", "eval"):  # train first: eval then reads the updated estimates
         interpreted.train(mode == "train")
         exported.train(mode == "train")
@@ -99,22 +136,35 @@ def test_interpreter_export_and_formula_agree(name, tmp_path):
             assert_same(exported.get_buffer(k), buffer)
         if mode == "train":  # the formula reads batch statistics
             f = symbolic.numeric(genome, eps=interpreted.eps, groups=interpreted.groups)
-            y_sym = torch.from_numpy(np.asarray(f(x.double().numpy()))).float()
+            y_sym = torch.from_numpy(np.asarray(f(x.double().numpy(), **scalars))).float()
             assert_same(y_sym.expand_as(y), y)
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
-@pytest.mark.parametrize("name", list(OPS))
-def test_exported_op_is_scriptable(name, tmp_path):
-    _, interpreted, exported = layers(name, tmp_path)
+@pytest.mark.parametrize("name, layout", CASES, ids=IDS)
+def test_exported_op_is_scriptable(name, layout, tmp_path):
+    _, interpreted, exported = op_layers(name, layout, tmp_path)
     scripted = torch.jit.script(exported)
-    x = sample_input(1)
+    x = sample_input(1, layout)
     assert_same(scripted(x), interpreted(x))
 
 
-@pytest.mark.parametrize("name", list(OPS))
-def test_bfloat16_in_bfloat16_out(name, tmp_path):
-    _, interpreted, exported = layers(name, tmp_path)
-    x = sample_input(2).bfloat16()
+@pytest.mark.parametrize("name, layout", CASES, ids=IDS)
+def test_float64_runs_the_same_function(name, layout, tmp_path):
+    # the batch kernels take another path in float64 (batch_normalize)
+    _, interpreted, exported = op_layers(name, layout, tmp_path)
+    x = sample_input(4, layout)
+    want = interpreted(x)
+    for layer in (interpreted.double(), exported.double()):
+        layer.load_state_dict(exported.state_dict())  # the running estimates before the step
+        y = layer(x.double())
+        assert y.dtype == torch.float64
+        assert_same(y.float(), want)
+
+
+@pytest.mark.parametrize("name, layout", CASES, ids=IDS)
+def test_bfloat16_in_bfloat16_out(name, layout, tmp_path):
+    _, interpreted, exported = op_layers(name, layout, tmp_path)
+    x = sample_input(2, layout).bfloat16()
     assert interpreted(x).dtype == torch.bfloat16
     assert exported(x).dtype == torch.bfloat16

@@ -135,3 +135,34 @@ def test_numeric_matches_interpreter(genome):
     f = symbolic.numeric(genome, eps=layer.eps, groups=layer.groups)
     got = f(x.double().numpy(), **vectors)
     np.testing.assert_allclose(np.broadcast_to(got, want.shape), want, rtol=1e-5, atol=1e-5)
+
+
+# --- sequence (ntc) genomes: their statistics, erf and learnt scalars ----------------------
+
+DERF_G = chain(("mul", ["alpha", "x"]), ("add", ["n1", "shift"]), ("erf", ["n2"]),
+               ("rms_G", ["x"]), ("div", ["n3", "n4"]), ("mean_T", ["x"]), ("add", ["n5", "n6"]),
+               ("std_NT", ["n6"]), ("mul", ["n7", "n8"]), ("var_C", ["x"]), ("add", ["n9", "n10"]),
+               layout="ntc", scalars={"alpha": 0.5, "shift": 0.0})
+
+
+def test_sequence_formula_and_latex():
+    assert symbolic.formula(DERF_G) == ("(erf(alpha*x + shift) / rms_G(x) + mean_T(x))"
+                                        "*std_NT(mean_T(x)) + var_C(x)")
+    tex = symbolic.latex(DERF_G)
+    for part in (r"\operatorname{erf}\left(\alpha \cdot x + \mathrm{shift}\right)",
+                 r"\operatorname{rms}_{C/g}", r"\mu_{T}", r"\sigma_{N,T}", r"\sigma^2_{C}"):
+        assert part in tex
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 4), (2, 3, 2, 4)])
+def test_sequence_numeric_matches_interpreter(shape):
+    layer = GenomeLayer(DERF_G, 4, groups=2)
+    with torch.no_grad():
+        layer.alpha.fill_(0.8)
+        layer.shift.fill_(-0.3)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = layer(x).double().numpy()
+    f = symbolic.numeric(DERF_G, eps=layer.eps, groups=layer.groups)
+    got = f(x.double().numpy(), alpha=0.8, shift=-0.3)
+    np.testing.assert_allclose(np.broadcast_to(got, want.shape), want, rtol=1e-5, atol=1e-5)

@@ -246,8 +246,9 @@ def build(name, c=C, groups=GROUPS):
 # --- each layer against its reference --------------------------------------------------
 
 
-def test_every_zoo_layer_has_a_reference_case():
-    assert sorted(CASES) == sorted(zoo.names())
+def test_every_conv_zoo_layer_has_a_reference_case():
+    # the sequence layers' references are in test_zoo_sequence.py
+    assert sorted(CASES) == sorted(zoo.names("nchw"))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -314,20 +315,28 @@ def test_apply_act_false_is_the_affine_only():
 
 # Which built-in space holds each layer: the batch-free ones are also in the S space, and
 # none is a pure activation.
+# The sequence spaces hold the sequence layers; the causal one none with statistics over
+# tokens.
 SPACES = {
-    "norm_act": set(zoo.names()),
+    "norm_act": set(zoo.names("nchw")),
     "norm_act_s": {"gn_relu", "in_relu", "ln_relu", "evonorm_s0", "evonorm_s1", "evonorm_s2"},
     "act": set(),
+    "seq_bidirectional": set(zoo.names("ntc")),
+    "seq_causal": {"layernorm", "rmsnorm", "dyt", "derf", "scalenorm"},
 }
 NODES = {"bn_relu": 8, "gn_relu": 8, "in_relu": 8, "ln_relu": 8, "bn_silu": 9,
          "evonorm_b0": 6, "evonorm_b1": 6, "evonorm_b2": 6,
-         "evonorm_s0": 5, "evonorm_s1": 4, "evonorm_s2": 4}
+         "evonorm_s0": 5, "evonorm_s1": 4, "evonorm_s2": 4,
+         "layernorm": 5, "rmsnorm": 2, "dyt": 2, "derf": 3, "bn_nt": 5, "powernorm": 2,
+         "scalenorm": 3}
 
 
 def test_names_and_entries():
     assert zoo.names() == ("bn_relu", "gn_relu", "in_relu", "ln_relu", "bn_silu",
                            "evonorm_b0", "evonorm_b1", "evonorm_b2",
-                           "evonorm_s0", "evonorm_s1", "evonorm_s2")
+                           "evonorm_s0", "evonorm_s1", "evonorm_s2", "layernorm", "rmsnorm",
+                           "dyt", "derf", "bn_nt", "powernorm", "scalenorm")
+    assert zoo.names("ntc") == zoo.names()[11:] and zoo.names("nchw") == zoo.names()[:11]
     for name, e in zoo.ZOO.items():
         assert e.name == name and e.genome.name == name and zoo.get(name) is e.genome
         assert e.description and "\n" not in e.description and e.reference
@@ -342,6 +351,7 @@ def test_genome_fits_a_search_and_round_trips(name):
     assert len(g) == NODES[name] <= 10
     back = Genome.from_json(g.to_json())
     assert back == g and back.name == name
+    assert back.layout == g.layout and back.scalars == g.scalars
 
 
 @pytest.mark.parametrize("space", list(SPACES))

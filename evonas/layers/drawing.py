@@ -30,7 +30,7 @@ from evonas.layers.ops import AGGREGATE, INPUTS, OPS
 _STYLE = {
     "x": ("#9ecae1", "input x"),
     "constant": ("#d9d9d9", "constant (zero, one)"),
-    "trainable": ("#c7e9c0", "trainable vector (v0, v1)"),
+    "trainable": ("#c7e9c0", "trainable (v0, v1, scalars)"),
     "elementwise": ("#ffffff", "element-wise op"),
     "aggregate": ("#fdae6b", "aggregate (statistic)"),
 }
@@ -170,8 +170,8 @@ def _input_order(point) -> int:
 
 def _role(g: nx.MultiDiGraph, node: str) -> str:
     if g.nodes[node]["input"]:
-        spec = INPUTS[node]
-        return "x" if node == "x" else "trainable" if spec.trainable else "constant"
+        spec = INPUTS.get(node)  # None: a learnt scalar of the genome
+        return "x" if node == "x" else "trainable" if spec is None or spec.trainable else "constant"
     return "aggregate" if OPS[g.nodes[node]["op"]].kind == AGGREGATE else "elementwise"
 
 

@@ -19,14 +19,16 @@ import json
 import keyword
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from evonas import __version__
 from evonas.layers import kernels as K
 from evonas.errors import EvonasError
 from evonas.layers.genome import Genome
-from evonas.layers.lowering import Step, lower
-from evonas.layers.ops import INPUTS
+from evonas.layers.lowering import Step, fold_affine, lower
+from evonas.layers.ops import INPUTS, LAYOUTS
 
 # Names the generated file defines or imports besides the copied kernels.
 _FILE_NAMES = {"torch", "nn", "List", "resolve_groups"}
@@ -40,7 +42,7 @@ def export_source(genome: Genome, class_name: str = "EvolvedNormAct", *,
     formula imports sympy; formula=False skips it).
     """
     steps = lower(genome)
-    helpers = _helpers(steps)
+    helpers = _helpers(_emitted_steps(genome, steps))
     _check_class_name(class_name, {h.__name__ for h in helpers})
     shown = _formulas(genome) if formula else None
     sources = [inspect.getsource(h).rstrip() for h in helpers]
@@ -88,6 +90,15 @@ def default_class_name(genome: Genome) -> str:
         if name.isidentifier():
             return name
     return f"EvolvedNormAct{genome.structural_hash[:8]}"
+
+
+def _emitted_steps(genome: Genome, steps: list[Step]) -> list[Step]:
+    """Every step the forward writes: the folded ones, and the plain ones where they run
+    too (a layout whose affine may be absent)."""
+    folded = fold_affine(steps)
+    if folded is None:
+        return steps
+    return folded + (steps if _FRAMES[genome.layout].optional_affine else [])
 
 
 def _helpers(steps: list[Step]) -> list:
@@ -145,9 +156,8 @@ def _doc_body(genome: Genome, shown: tuple[str, str] | None) -> str:
 
 
 def _module_docstring(genome: Genome, class_name: str, shown: tuple[str, str] | None) -> str:
-    return (f'r"""{class_name}: a normalization-activation layer evolved by evonas.\n\n'
-            "Standalone: it needs only torch. The constructor is timm's norm-act one, so\n"
-            f"`norm_layer=functools.partial({class_name}, groups=8)` fits a timm model.\n\n"
+    return (f'r"""{class_name}: a {_FRAMES[genome.layout].what} evolved by evonas.\n\n'
+            f"Standalone: it needs only torch. {_FRAMES[genome.layout].usage(class_name)}\n\n"
             f'{_doc_body(genome, shown)}\n"""')
 
 
@@ -157,15 +167,16 @@ def _imports(sources: list[str]) -> str:
 
 
 def _vectors(genome: Genome) -> list[str]:
-    return sorted(i for i in genome.inputs_used if INPUTS[i].trainable)
+    return sorted(i for i in genome.inputs_used if i in INPUTS and INPUTS[i].trainable)
 
 
 def _class_docstring(genome: Genome, steps: list[Step], shown: tuple[str, str] | None) -> str:
     buffers = ", ".join(name for s in steps for name, _ in s.buffers)
+    frame = _FRAMES[genome.layout]
     params = ", ".join(["weight", "bias"] + _vectors(genome))
-    text = ("Normalization-activation layer evolved by evonas.\n\n"
-            "With apply_act=False the layer is the affine only: out = weight * x + bias.\n"
-            f"Parameters (per channel): {params}.\n")
+    text = f"{frame.class_doc}\nParameters (per channel): {params}.\n"
+    if genome.scalars:
+        text += f"Learnt scalars: {', '.join(genome.scalars)}.\n"
     if buffers:
         text += ("Running estimates (float32; updated in training mode as BatchNorm2d's, "
                  f"read in eval mode):\n{buffers}.\n")
@@ -175,30 +186,22 @@ def _class_docstring(genome: Genome, steps: list[Step], shown: tuple[str, str] |
 
 def _class_source(genome: Genome, steps: list[Step], class_name: str,
                   shown: tuple[str, str] | None) -> str:
+    frame = _FRAMES[genome.layout]
     return "\n\n".join([
         f"class {class_name}(nn.Module):\n{_class_docstring(genome, steps, shown)}",
         _init_source(genome, steps),
         _reset_source(genome, steps),
         _forward_source(genome, steps),
-        _repr_source(),
+        frame.repr,
     ]) + "\n"
 
 
 def _init_source(genome: Genome, steps: list[Step]) -> str:
-    lines = [
-        "    def __init__(self, num_features, apply_act=True, eps=1e-5, momentum=0.1, groups=32,",
-        "                 group_size=None, device=None, dtype=None, **_):",
-        "        super().__init__()",
-        "        self.num_features = num_features",
-        "        self.apply_act = apply_act",
-        "        # floats whatever was passed, so TorchScript types the kernels' arguments",
-        "        self.eps = float(eps)",
-        "        self.momentum = float(momentum)",
-        "        self.groups = resolve_groups(num_features, groups, group_size or 0)",
-        '        kw = {"device": device, "dtype": dtype}',
-    ]
-    for name in ["weight", "bias"] + _vectors(genome):
+    lines = list(_FRAMES[genome.layout].init)
+    for name in _vectors(genome):
         lines.append(f"        self.{name} = nn.Parameter(torch.empty(num_features, **kw))")
+    for name in genome.scalars:
+        lines.append(f"        self.{name} = nn.Parameter(torch.empty((), **kw))")
     buffers = [name for s in steps for name, _ in s.buffers]
     if buffers:
         lines.append("        # statistics stay float32 whatever the parameters' dtype")
@@ -210,40 +213,155 @@ def _init_source(genome: Genome, steps: list[Step]) -> str:
 
 
 def _reset_source(genome: Genome, steps: list[Step]) -> str:
-    lines = ["    def reset_parameters(self) -> None:",
-             "        nn.init.ones_(self.weight)",
-             "        nn.init.zeros_(self.bias)"]
+    lines = ["    def reset_parameters(self) -> None:", *_FRAMES[genome.layout].reset]
     lines += [f"        nn.init.constant_(self.{v}, {INPUTS[v].init!r})" for v in _vectors(genome)]
+    lines += [f"        nn.init.constant_(self.{k}, {init!r})"
+              for k, init in genome.scalars.items()]
     lines += [f"        nn.init.constant_(self.{name}, {init!r})"
               for s in steps for name, init in s.buffers]
     return "\n".join(lines)
 
 
-def _input_line(name: str) -> str:
-    inp = INPUTS[name]
+def _input_line(name: str, layout: str) -> str:
+    inp = INPUTS.get(name)
+    if inp is None:  # a learnt scalar
+        return f"        {name} = self.{name}.to(x.dtype)"
     if inp.constant is not None:
         return f"        {name} = x.new_full((), {inp.constant!r})"
-    return f"        {name} = self.{name}.view(1, -1, 1, 1).to(x.dtype)"
+    return f"        {name} = self.{name}.view({_view(layout)}).to(x.dtype)"
+
+
+def _view(layout: str) -> str:
+    return ", ".join(str(d) for d in LAYOUTS[layout].vector_shape)
 
 
 def _forward_source(genome: Genome, steps: list[Step]) -> str:
-    lines = ["    def forward(self, x: torch.Tensor) -> torch.Tensor:",
-             "        weight = self.weight.view(1, -1, 1, 1).to(x.dtype)",
-             "        bias = self.bias.view(1, -1, 1, 1).to(x.dtype)",
-             "        if not self.apply_act:",
-             "            return x * weight + bias"]
-    lines += [_input_line(name) for name in sorted(genome.inputs_used - {"x"})]
+    inputs = [_input_line(name, genome.layout) for name in sorted(genome.inputs_used - {"x"})]
+    folded = fold_affine(steps)
+    body = _frame_body(inputs, steps)
+    body_folded = _frame_body(inputs, folded) if folded else None
+    lines = _FRAMES[genome.layout].forward(body, body_folded, steps[-1].node)
+    return "\n".join(["    def forward(self, x: torch.Tensor) -> torch.Tensor:", *lines])
+
+
+def _frame_body(inputs: list[str], steps: list[Step]) -> list[str]:
+    lines = list(inputs)
     for s in steps:
         code = s.op.source(s.inputs, running=", ".join(f"self.{name}" for name, _ in s.buffers))
         lines.append(f"        {s.node} = {code}")
-    lines.append(f"        return {steps[-1].node} * weight + bias")
-    return "\n".join(lines)
+    return lines
 
 
-def _repr_source() -> str:
-    return ("    def extra_repr(self) -> str:\n"
-            '        return (f"{self.num_features}, apply_act={self.apply_act}, eps={self.eps}, "\n'
-            '                f"groups={self.groups}")')
+def _conv_forward(body: list[str], folded: list[str] | None, y: str) -> list[str]:
+    lines = ["        weight = self.weight.view(1, -1, 1, 1).to(x.dtype)",
+             "        bias = self.bias.view(1, -1, 1, 1).to(x.dtype)",
+             "        if not self.apply_act:",
+             "            return x * weight + bias"]
+    if folded:  # the last fused normalisation applies weight and bias
+        return lines + folded + [f"        return {y}"]
+    return lines + body + [f"        return {y} * weight + bias"]
+
+
+def _sequence_forward(body: list[str], folded: list[str] | None, y: str) -> list[str]:
+    # locals, so TorchScript refines the Optional parameters
+    lines = ["        weight = self.weight", "        bias = self.bias"]
+    if folded:  # with both parameters the last fused normalisation applies them
+        lines += ["        if weight is not None and bias is not None:",
+                  "            weight = weight.to(x.dtype)",
+                  "            bias = bias.to(x.dtype)",
+                  *["    " + line for line in folded],
+                  f"            return {y}"]
+    return lines + body + [
+        "        if weight is not None:", f"            {y} = {y} * weight.to(x.dtype)",
+        "        if bias is not None:", f"            {y} = {y} + bias.to(x.dtype)",
+        f"        return {y}"]
+
+
+@dataclass(frozen=True)
+class _Frame:
+    """The exported class around the genome's steps, one per layout: the constructor
+    users of that layout expect, and the final affine."""
+
+    what: str
+    usage: Callable[[str], str]
+    class_doc: str
+    optional_affine: bool  # whether weight and bias may be absent (then forward has both paths)
+    init: tuple[str, ...]  # __init__ up to the genome's own parameters (kw defined)
+    reset: tuple[str, ...]  # reset_parameters' lines for the affine
+    # (lines of the body, of the body with the affine folded or None, y's name) -> lines
+    forward: Callable[[list[str], list[str] | None, str], list[str]]
+    repr: str
+
+
+_FLOATS = ("        # floats whatever was passed, so TorchScript types the kernels' arguments",
+           "        self.eps = float(eps)",
+           "        self.momentum = float(momentum)",
+           "        self.groups = resolve_groups(num_features, groups, group_size or 0)",
+           '        kw = {"device": device, "dtype": dtype}')
+
+_FRAMES = {
+    # timm's norm-act constructor: norm_layer=functools.partial(Cls, groups=8)
+    "nchw": _Frame(
+        what="normalization-activation layer",
+        usage=lambda name: ("The constructor is timm's norm-act one, so\n"
+                            f"`norm_layer=functools.partial({name}, groups=8)` fits a timm model."),
+        class_doc=("Normalization-activation layer evolved by evonas.\n\n"
+                   "With apply_act=False the layer is the affine only: out = weight * x + bias."),
+        optional_affine=False,
+        init=("    def __init__(self, num_features, apply_act=True, eps=1e-5, momentum=0.1, groups=32,",
+              "                 group_size=None, device=None, dtype=None, **_):",
+              "        super().__init__()",
+              "        self.num_features = num_features",
+              "        self.apply_act = apply_act",
+              *_FLOATS,
+              "        self.weight = nn.Parameter(torch.empty(num_features, **kw))",
+              "        self.bias = nn.Parameter(torch.empty(num_features, **kw))"),
+        reset=("        nn.init.ones_(self.weight)", "        nn.init.zeros_(self.bias)"),
+        forward=_conv_forward,
+        repr=("    def extra_repr(self) -> str:\n"
+              '        return (f"{self.num_features}, apply_act={self.apply_act}, eps={self.eps}, "\n'
+              '                f"groups={self.groups}")'),
+    ),
+    # torch.nn.LayerNorm's constructor, then the search's own keywords
+    "ntc": _Frame(
+        what="normalization layer for (..., C) activations",
+        usage=lambda name: ("The constructor is torch.nn.LayerNorm's, so\n"
+                            f"`{name}(d_model)` replaces `nn.LayerNorm(d_model)`: it normalises the\n"
+                            "last dimension of any (..., C) input."),
+        class_doc=("Drop-in for torch.nn.LayerNorm over the last dimension, evolved by evonas.\n\n"
+                   "normalized_shape is C or (C,); elementwise_affine=False drops weight and\n"
+                   "bias, bias=False the bias, as in nn.LayerNorm; momentum, groups and\n"
+                   "group_size are the running estimates' momentum and the feature groups."),
+        optional_affine=True,
+        init=("    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True,",
+              "                 device=None, dtype=None, momentum=0.1, groups=32, group_size=None):",
+              "        super().__init__()",
+              "        if isinstance(normalized_shape, int):",
+              "            normalized_shape = (normalized_shape,)",
+              "        self.normalized_shape = tuple(normalized_shape)",
+              "        if len(self.normalized_shape) != 1:",
+              '            raise ValueError(f"normalized_shape {normalized_shape}: this layer normalises "',
+              '                             "the last dimension only; give one int, e.g. 512")',
+              "        num_features = self.normalized_shape[0]",
+              "        self.num_features = num_features",
+              "        self.elementwise_affine = elementwise_affine",
+              *_FLOATS,
+              "        if elementwise_affine:",
+              "            self.weight = nn.Parameter(torch.empty(num_features, **kw))",
+              "        else:",
+              '            self.register_parameter("weight", None)',
+              "        if elementwise_affine and bias:",
+              "            self.bias = nn.Parameter(torch.empty(num_features, **kw))",
+              "        else:",
+              '            self.register_parameter("bias", None)'),
+        reset=("        if self.weight is not None:", "            nn.init.ones_(self.weight)",
+               "        if self.bias is not None:", "            nn.init.zeros_(self.bias)"),
+        forward=_sequence_forward,
+        repr=("    def extra_repr(self) -> str:\n"
+              '        return (f"{self.normalized_shape}, eps={self.eps}, "\n'
+              '                f"elementwise_affine={self.elementwise_affine}, groups={self.groups}")'),
+    ),
+}
 
 
 __all__ = ["export_source", "export_file"]

@@ -1,7 +1,10 @@
 """The layer genome: a DAG of primitive ops from the input x to the layer's output y.
 
-A layer computes y from x (N, C, H, W) with the ops of ops.py and ends in the per-channel
-affine gamma * y + beta, which every layer has and the genome therefore does not store.
+A layer computes y from x with the ops of ops.py and ends in the per-channel affine
+gamma * y + beta, which every layer has and the genome therefore does not store. x has the
+genome's layout (ops.LAYOUTS): (N, C, H, W) feature maps, the default, or (N, T, C)
+sequences and any (..., C) input, whose channels (features) are the last dimension; the
+aggregates a genome may use are those of its layout.
 
 A Genome is immutable and always valid: the constructor prunes dead nodes, renumbers the
 rest n1..nk in topological order (so equal graphs get equal node names, and so equal
@@ -16,28 +19,42 @@ File format (JSON, nothing in it is ever executed):
      "output": "n5"}
 
 Node ids are any names other than the inputs' (x, zero, one, v0, v1); inputs name earlier
-or later nodes (order in the file does not matter) or graph inputs.
+or later nodes (order in the file does not matter) or graph inputs. Two optional keys,
+written only when they differ from the default so older files read and hash unchanged:
+"layout" ("nchw" when absent, or "ntc") and "scalars", the learnt scalars the graph reads
+with their initial values ({"alpha": 0.5} for DyT's tanh(alpha * x)).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import networkx as nx
+import torch
 
 from evonas.errors import GenomeError
-from evonas.layers.ops import AGGREGATE, INPUTS, OPS
+from evonas.layers import kernels
+from evonas.layers.ops import AGGREGATE, DEFAULT_LAYOUT, INPUTS, LAYOUTS, OPS
 
 FORMAT = "evonas.genome/1"
 # Any genome, zoo or file, whatever its space: bounds the cost of every later step.
 MAX_NODES = 64
 MAX_FILE_BYTES = 1 << 20
 _ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
+# A scalar becomes a parameter and a variable of the exported forward: a short lower-case
+# identifier that no node (n1..nk after renumbering), input, layer attribute or copied
+# kernel is named.
+_SCALAR_NAME = re.compile(r"[a-z][a-z0-9_]{0,15}")
+_RESERVED = {"x", "y", "weight", "bias", "eps", "momentum", "groups", "num_features",
+             "apply_act", "genome", "normalized_shape", "elementwise_affine", "torch", "nn",
+             "self", "training", "float"}
 
 
 @dataclass(frozen=True)
@@ -50,10 +67,23 @@ class Node:
 class Genome:
     """A valid, pruned, canonically numbered layer graph."""
 
-    def __init__(self, nodes: Iterable[Node | tuple], output: str, name: str | None = None):
+    def __init__(self, nodes: Iterable[Node | tuple], output: str, name: str | None = None,
+                 layout: str = DEFAULT_LAYOUT, scalars: Mapping[str, float] | None = None):
         raw = [n if isinstance(n, Node) else Node(n[0], n[1], tuple(n[2])) for n in nodes]
-        self.nodes, self.output = _canonical(raw, output)
+        scalars = check_scalars(scalars or {})
+        if not isinstance(layout, str) or layout not in LAYOUTS:
+            raise GenomeError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
+        self.layout = layout
+        self.nodes, self.output = _canonical(raw, output, layout, scalars)
+        used = {i for n in self.nodes for i in n.inputs}
+        # only the scalars the pruned graph reads: a mutation passes all of its space's
+        self._scalars = tuple((k, v) for k, v in sorted(scalars.items()) if k in used)
         self.name = name
+
+    @property
+    def scalars(self) -> dict[str, float]:
+        """The learnt scalars the graph reads, by name, with their initial values."""
+        return dict(self._scalars)
 
     # --- construction helpers ---------------------------------------------------------
 
@@ -61,10 +91,10 @@ class Genome:
     def from_dict(cls, data: object, source: str = "genome") -> "Genome":
         if not isinstance(data, dict):
             raise GenomeError(f"{source}: expected a JSON object with 'nodes' and 'output'")
-        unknown = set(data) - {"format", "name", "nodes", "output", "meta"}
+        unknown = set(data) - {"format", "name", "nodes", "output", "meta", "layout", "scalars"}
         if unknown:
             raise GenomeError(f"{source}: unknown key(s) {sorted(unknown)}; "
-                              "allowed: format, name, nodes, output, meta")
+                              "allowed: format, name, nodes, output, meta, layout, scalars")
         if data.get("format", FORMAT) != FORMAT:
             raise GenomeError(f"{source}: format {data.get('format')!r} is not supported; "
                               f"this evonas reads {FORMAT!r}")
@@ -81,7 +111,8 @@ class Genome:
             raise GenomeError(f"{source}: 'name' must be a string")
         parsed = [_parse_node(i, n, source) for i, n in enumerate(nodes)]
         try:
-            return cls(parsed, output, name=name)
+            return cls(parsed, output, name=name, layout=data.get("layout", DEFAULT_LAYOUT),
+                       scalars=check_scalars(data.get("scalars", {})))
         except GenomeError as err:
             raise GenomeError(f"{source}: {err}") from None
 
@@ -111,6 +142,10 @@ class Genome:
         d: dict = {"format": FORMAT}
         if self.name:
             d["name"] = self.name
+        if self.layout != DEFAULT_LAYOUT:
+            d["layout"] = self.layout
+        if self.scalars:
+            d["scalars"] = dict(self.scalars)
         d["nodes"] = [{"id": n.id, "op": n.op, "inputs": list(n.inputs)} for n in self.nodes]
         d["output"] = self.output
         return d
@@ -122,7 +157,8 @@ class Genome:
         Path(path).write_text(self.to_json() + "\n", encoding="utf-8")
 
     def renamed(self, name: str | None) -> "Genome":
-        return Genome(self.nodes, self.output, name=name)
+        return Genome(self.nodes, self.output, name=name, layout=self.layout,
+                      scalars=self.scalars)
 
     # --- views ------------------------------------------------------------------------
 
@@ -132,15 +168,20 @@ class Genome:
     def __iter__(self):
         return iter(self.nodes)
 
+    def _key(self) -> tuple:
+        return self.nodes, self.output, self.layout, self._scalars
+
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Genome) and (self.nodes, self.output) == (other.nodes, other.output)
+        return isinstance(other, Genome) and self._key() == other._key()
 
     def __hash__(self) -> int:
-        return hash((self.nodes, self.output))
+        return hash(self._key())
 
     def __repr__(self) -> str:
         body = ", ".join(f"{n.id}={n.op}({','.join(n.inputs)})" for n in self.nodes)
-        return f"Genome({body}; out={self.output})"
+        extra = "".join([f"; layout={self.layout}" if self.layout != DEFAULT_LAYOUT else "",
+                         f"; scalars={dict(self.scalars)}" if self.scalars else ""])
+        return f"Genome({body}; out={self.output}{extra})"
 
     @cached_property
     def by_id(self) -> dict[str, Node]:
@@ -152,7 +193,8 @@ class Genome:
 
     @cached_property
     def inputs_used(self) -> frozenset[str]:
-        return frozenset(i for n in self.nodes for i in n.inputs if i in INPUTS)
+        scalars = self.scalars
+        return frozenset(i for n in self.nodes for i in n.inputs if i in INPUTS or i in scalars)
 
     @cached_property
     def graph(self) -> nx.MultiDiGraph:
@@ -174,20 +216,25 @@ class Genome:
     def structural_hash(self) -> str:
         """Hash of the graph's structure, independent of node names and of the argument
         order of commutative ops. Computed bottom-up over the DAG (exact, no
-        Weisfeiler-Lehman approximation, and stable across networkx versions)."""
+        Weisfeiler-Lehman approximation, and stable across networkx versions). A scalar
+        counts with its initial value; a layout other than nchw wraps the whole hash."""
         h: dict[str, str] = {name: "in:" + name for name in INPUTS}
+        h.update({name: f"in:{name}={init!r}" for name, init in self.scalars.items()})
         for n in self.nodes:
             args = [h[i] for i in n.inputs]
             if OPS[n.op].commutative:
                 args.sort()
             h[n.id] = hashlib.sha256(f"{n.op}({','.join(args)})".encode()).hexdigest()
-        return h[self.output][:16]
+        top = h[self.output]
+        if self.layout != DEFAULT_LAYOUT:
+            top = hashlib.sha256(f"{self.layout}:{top}".encode()).hexdigest()
+        return top[:16]
 
     def depends_on_x(self) -> dict[str, bool]:
-        return _x_dependence(self.nodes)
+        return _x_dependence(self.nodes, self.scalars)
 
     def full_shape(self) -> dict[str, bool]:
-        return _full_shape(self.nodes)
+        return _full_shape(self.nodes, self.scalars)
 
 
 def _parse_node(index: int, n: object, source: str) -> Node:
@@ -202,28 +249,48 @@ def _parse_node(index: int, n: object, source: str) -> Node:
     return Node(n["id"], n["op"], tuple(ins))
 
 
-def _x_dependence(nodes: Sequence[Node]) -> dict[str, bool]:
-    dep = {name: name == "x" for name in INPUTS}
+def _x_dependence(nodes: Sequence[Node], scalars: Iterable[str] = ()) -> dict[str, bool]:
+    dep = {name: name == "x" for name in [*INPUTS, *scalars]}
     for n in nodes:  # nodes are in topological order
         dep[n.id] = any(dep[i] for i in n.inputs)
     return dep
 
 
-def _full_shape(nodes: Sequence[Node]) -> dict[str, bool]:
-    """Whether each value has x's full (N, C, H, W) shape: aggregates reduce axes, and an
-    element-wise op is full when any input is (broadcasting)."""
-    full = {name: name == "x" for name in INPUTS}
+def _full_shape(nodes: Sequence[Node], scalars: Iterable[str] = ()) -> dict[str, bool]:
+    """Whether each value has x's full shape: aggregates reduce axes, and an element-wise
+    op is full when any input is (broadcasting)."""
+    full = {name: name == "x" for name in [*INPUTS, *scalars]}
     for n in nodes:  # nodes are in topological order
         full[n.id] = OPS[n.op].kind != AGGREGATE and any(full[i] for i in n.inputs)
     return full
 
 
-def _canonical(nodes: list[Node], output: str) -> tuple[tuple[Node, ...], str]:
+def check_scalars(scalars: object) -> dict[str, float]:
+    """Learnt scalars {name: initial value} as floats, or GenomeError naming the defect
+    (genome and space files declare them alike)."""
+    if not isinstance(scalars, Mapping):
+        raise GenomeError('\'scalars\' maps names to initial values, e.g. {"alpha": 0.5}')
+    for name, init in scalars.items():
+        if (not isinstance(name, str) or not _SCALAR_NAME.fullmatch(name) or name in INPUTS
+                or name in _RESERVED or name.startswith("running_") or hasattr(kernels, name)
+                or hasattr(torch.nn.Module, name)
+                or re.fullmatch(r"n\d+", name)):
+            raise GenomeError(f"scalar name {name!r}: use a short lower-case identifier that is "
+                              f"not an input ({', '.join(INPUTS)}), n<digits> or a layer "
+                              "attribute (weight, bias, eps, ...), e.g. alpha")
+        if isinstance(init, bool) or not isinstance(init, (int, float)) or not math.isfinite(init):
+            raise GenomeError(f"scalar {name!r}: initial value {init!r} is not a finite number")
+    return {name: float(init) for name, init in scalars.items()}
+
+
+def _canonical(nodes: list[Node], output: str, layout: str = DEFAULT_LAYOUT,
+               scalars: Mapping[str, float] | None = None) -> tuple[tuple[Node, ...], str]:
     """Validate, prune dead nodes, and renumber n1..nk in a stable topological order."""
+    scalars = scalars or {}
     ids = [n.id for n in nodes]
     seen: set[str] = set()
     for n in nodes:
-        if n.id in INPUTS:
+        if n.id in INPUTS or n.id in scalars:
             raise GenomeError(f"node id {n.id!r} is the name of a graph input; choose another id")
         if not n.id or not set(n.id) <= _ID_CHARS or len(n.id) > 64:
             raise GenomeError(f"node id {n.id!r}: use letters, digits, '_', '-', '.' (at most 64)")
@@ -237,10 +304,14 @@ def _canonical(nodes: list[Node], output: str) -> tuple[tuple[Node, ...], str]:
         if len(n.inputs) != spec.arity:
             raise GenomeError(f"node {n.id}: op {n.op} takes {spec.arity} input(s), "
                               f"got {len(n.inputs)}")
+        if spec.layout not in (None, layout):
+            raise GenomeError(f"node {n.id}: {n.op} is a statistic of {spec.layout} layers "
+                              f"({LAYOUTS[spec.layout].doc}); this genome's layout is {layout}"
+                              f" (set \"layout\": \"{spec.layout}\" if it is meant for those)")
         for i in n.inputs:
-            if i not in INPUTS and i not in ids:
-                raise GenomeError(f"node {n.id}: input {i!r} is neither a node nor one of "
-                                  f"{', '.join(INPUTS)}")
+            if i not in INPUTS and i not in ids and i not in scalars:
+                raise GenomeError(f"node {n.id}: input {i!r} is neither a node, a declared "
+                                  f"scalar nor one of {', '.join(INPUTS)}")
     if output not in seen:
         raise GenomeError(f"output {output!r} is not a node id; name the node whose value "
                           "the layer returns")
@@ -249,7 +320,7 @@ def _canonical(nodes: list[Node], output: str) -> tuple[tuple[Node, ...], str]:
 
     g = nx.DiGraph()
     g.add_nodes_from(ids)
-    g.add_edges_from((i, n.id) for n in nodes for i in n.inputs if i not in INPUTS)
+    g.add_edges_from((i, n.id) for n in nodes for i in n.inputs if i in seen)
     try:
         cycle = nx.find_cycle(g)
         raise GenomeError("cycle through nodes " + " -> ".join(e[0] for e in cycle)
@@ -263,26 +334,28 @@ def _canonical(nodes: list[Node], output: str) -> tuple[tuple[Node, ...], str]:
     by_id = {n.id: n for n in nodes}
     live_nodes = [by_id[i] for i in order]
 
-    dep = _x_dependence(live_nodes)
+    dep = _x_dependence(live_nodes, scalars)
     if not dep[output]:
         raise GenomeError("the output does not depend on x; a layer must transform its input")
-    if not _full_shape(live_nodes)[output]:
-        raise GenomeError("the output has a statistic's shape, not x's (N, C, H, W); combine "
-                          "the statistic with an x-shaped value")
+    if not _full_shape(live_nodes, scalars)[output]:
+        raise GenomeError(f"the output has a statistic's shape, not x's {LAYOUTS[layout].doc}; "
+                          "combine the statistic with an x-shaped value")
     for n in live_nodes:
         if OPS[n.op].kind == AGGREGATE and not dep[n.inputs[0]]:
             raise GenomeError(f"node {n.id}: {n.op} of a value that does not depend on x is a "
                               "constant; apply aggregates to x-dependent values")
 
     rename = {old: f"n{k + 1}" for k, old in enumerate(order)}
-    rename.update({name: name for name in INPUTS})
+    rename.update({name: name for name in [*INPUTS, *scalars]})
     out = tuple(Node(rename[n.id], n.op, tuple(rename[a] for a in n.inputs)) for n in live_nodes)
     return out, rename[output]
 
 
-def chain(*steps: tuple[str, Sequence[str]], name: str | None = None) -> Genome:
-    """Genome from steps in order, each (op, inputs); inputs may name graph inputs or
-    earlier steps as "n1", "n2", ... ; the last step is the output. For the zoo and tests.
+def chain(*steps: tuple[str, Sequence[str]], name: str | None = None,
+          layout: str = DEFAULT_LAYOUT, scalars: Mapping[str, float] | None = None) -> Genome:
+    """Genome from steps in order, each (op, inputs); inputs may name graph inputs, the
+    declared scalars or earlier steps as "n1", "n2", ... ; the last step is the output.
+    For the zoo and tests.
     """
     nodes = [Node(f"n{k + 1}", op, tuple(ins)) for k, (op, ins) in enumerate(steps)]
-    return Genome(nodes, nodes[-1].id, name=name)
+    return Genome(nodes, nodes[-1].id, name=name, layout=layout, scalars=scalars)

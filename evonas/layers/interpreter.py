@@ -2,7 +2,9 @@
 
 GenomeLayer follows timm's norm-act constructor convention, so a genome drops into any
 model that takes a `norm_layer`: `functools.partial(GenomeLayer, genome)` or the factory
-`layer_factory(genome, groups=8)`. Its state_dict keys (weight, bias, v0, v1,
+`layer_factory(genome, groups=8)`. A sequence (ntc) genome's layer takes any (..., C)
+input and normalises its last dimension, so `layer_factory(genome)(C)` replaces
+torch.nn.LayerNorm(C). Its state_dict keys (weight, bias, v0, v1, the genome's scalars,
 running_var_n3, ...) are the ones the exporter writes, so the two load each other's state.
 """
 
@@ -16,15 +18,17 @@ from torch import nn
 
 from evonas.layers.genome import Genome
 from evonas.layers.kernels import resolve_groups
-from evonas.layers.lowering import lower
-from evonas.layers.ops import INPUTS
+from evonas.layers.lowering import AFFINE, Step, fold_affine, lower
+from evonas.layers.ops import INPUTS, LAYOUTS
 
 
 class GenomeLayer(nn.Module):
     """A normalization-activation layer computed by interpreting a genome.
 
-    Forward: y = genome(x), out = weight * y + bias (per channel). With apply_act=False
-    the layer is the affine only, the form that replaces a BN with no activation after it.
+    Forward: y = genome(x), out = weight * y + bias (per channel: dimension 1 of an
+    nchw genome's (N, C, H, W) input, the last of an ntc genome's (..., C) one). With
+    apply_act=False the layer is the affine only, the form that replaces a BN with no
+    activation after it.
     """
 
     def __init__(
@@ -50,26 +54,33 @@ class GenomeLayer(nn.Module):
         kw = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(num_features, **kw))
         self.bias = nn.Parameter(torch.empty(num_features, **kw))
-        self._vectors = sorted(i for i in genome.inputs_used if INPUTS[i].trainable)
+        self._vectors = sorted(i for i in genome.inputs_used if i in INPUTS and INPUTS[i].trainable)
         for name in self._vectors:
             self.register_parameter(name, nn.Parameter(torch.empty(num_features, **kw)))
+        self._scalars = tuple(genome.scalars)
+        for name in self._scalars:
+            self.register_parameter(name, nn.Parameter(torch.empty((), **kw)))
+        self._vector_shape = LAYOUTS[genome.layout].vector_shape
         self._steps = lower(genome)
+        folded = fold_affine(self._steps)
+        self._affine_folded = folded is not None
         for step in self._steps:
             for name, _ in step.buffers:  # statistics stay float32 whatever the parameters' dtype
                 self.register_buffer(name, torch.empty(num_features, device=device,
                                                        dtype=torch.float32))
-        self._plan = self._compile_plan()
+        self._plan = self._compile_plan(folded or self._steps)
         self.reset_parameters()
 
-    def _compile_plan(self) -> list[tuple[Callable, tuple[int, ...], tuple, tuple[str, ...],
-                                          tuple[str, ...]]]:
+    def _compile_plan(self, steps: list[Step]) -> list[tuple[Callable, tuple[int, ...], tuple,
+                                                             tuple[str, ...], tuple[str, ...]]]:
         # Values live in a list; each step reads slots and appends one. Slot 0 is x, then
-        # the inputs the genome uses, then one slot per node in order.
+        # the inputs the genome uses (and the affine, when folded), then one slot per node.
         names = ["x"] + sorted(self.genome.inputs_used - {"x"})
+        names += list(AFFINE) if self._affine_folded else []
         self._input_names = tuple(names)
         slot = {name: k for k, name in enumerate(names)}
         plan = []
-        for step in self._steps:
+        for step in steps:
             slot[step.node] = len(slot)
             dims = (list(step.op.dims),) if step.op.dims is not None else ()
             plan.append((step.op.kernel, tuple(slot[i] for i in step.inputs), dims,
@@ -81,15 +92,19 @@ class GenomeLayer(nn.Module):
         nn.init.zeros_(self.bias)
         for name in self._vectors:
             nn.init.constant_(getattr(self, name), INPUTS[name].init)
+        for name, init in self.genome.scalars.items():
+            nn.init.constant_(getattr(self, name), init)
         for step in self._steps:
             for name, init in step.buffers:
                 nn.init.constant_(getattr(self, name), init)
 
     def _input_value(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        inp = INPUTS[name]
-        if inp.constant is not None:
-            return x.new_full((), inp.constant)
-        return getattr(self, name).view(1, -1, 1, 1).to(x.dtype)
+        if name in INPUTS and INPUTS[name].constant is not None:
+            return x.new_full((), INPUTS[name].constant)
+        if name in self._scalars:
+            return getattr(self, name).to(x.dtype)
+        # v0, v1, and the weight and bias a folded last step reads
+        return getattr(self, name).view(self._vector_shape).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.apply_act:
@@ -105,7 +120,10 @@ class GenomeLayer(nn.Module):
                         extra.append(params[p])
                 values.append(kernel(*[values[i] for i in args], *dims, *extra))
             x = values[-1]
-        return x * self.weight.view(1, -1, 1, 1).to(x.dtype) + self.bias.view(1, -1, 1, 1).to(x.dtype)
+            if self._affine_folded:
+                return x
+        shape = self._vector_shape
+        return x * self.weight.view(shape).to(x.dtype) + self.bias.view(shape).to(x.dtype)
 
     def extra_repr(self) -> str:
         name = self.genome.name or self.genome.structural_hash
@@ -114,5 +132,7 @@ class GenomeLayer(nn.Module):
 
 
 def layer_factory(genome: Genome, **defaults) -> Callable[..., GenomeLayer]:
-    """norm_act(num_features, apply_act=True, ...) building this genome's layer."""
+    """norm_act(num_features, apply_act=True, ...) building this genome's layer: for an
+    nchw genome timm's norm-act layer over (N, C, H, W), for an ntc genome the
+    `norm_layer(num_features)` of a transformer, over (..., C) like nn.LayerNorm."""
     return functools.partial(GenomeLayer, genome, **defaults)

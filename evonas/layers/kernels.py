@@ -225,3 +225,159 @@ def layer_normalize_affine(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
 ) -> torch.Tensor:
     return torch.nn.functional.group_norm(x, 1, weight.reshape(-1), bias.reshape(-1), eps)
+
+
+# --- sequence layout: x of (N, T, C), or any (N, ..., C) ----------------------------------
+# Features are the last dimension; every dimension between the first and the last is a
+# token axis, so (N, H, W, C) patch grids and (N, C) single tokens work too. Statistics
+# keep x's rank (size 1 on the reduced axes), so they broadcast against any value.
+
+
+def _token_rows(x: torch.Tensor) -> torch.Tensor:
+    # (N, L, C) in at least float32: the L tokens of each sample, a (N, C) input as L = 1.
+    return x.to(torch.promote_types(x.dtype, torch.float32)).reshape(x.size(0), -1, x.size(-1))
+
+
+def _per_sample_feature(stat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    # (N, 1, C) -> (N, 1, ..., 1, C), x's rank.
+    shape = [x.size(0)] + [1] * (x.dim() - 2) + [stat.size(-1)]
+    return stat.reshape(shape).to(x.dtype)
+
+
+def tokens_mean(x: torch.Tensor) -> torch.Tensor:
+    return _per_sample_feature(_token_rows(x).mean(dim=1, keepdim=True), x)
+
+
+def tokens_var(x: torch.Tensor) -> torch.Tensor:
+    return _per_sample_feature(_token_rows(x).var(dim=1, unbiased=False, keepdim=True), x)
+
+
+def tokens_std(x: torch.Tensor, eps: float) -> torch.Tensor:
+    var = _token_rows(x).var(dim=1, unbiased=False, keepdim=True)
+    return _per_sample_feature((var + eps).sqrt(), x)
+
+
+def tokens_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    sq = _token_rows(x).square().mean(dim=1, keepdim=True)
+    return _per_sample_feature((sq + eps).sqrt(), x)
+
+
+def _feature_grouped(x: torch.Tensor, groups: int) -> torch.Tensor:
+    # (..., C) -> (..., g, C/g); a one-feature value (a per-token statistic) is one group.
+    g = groups if x.size(-1) > 1 else 1
+    shape = list(x.shape[:-1])
+    return x.to(torch.promote_types(x.dtype, torch.float32)).reshape(shape + [g, x.size(-1) // g])
+
+
+def _feature_ungrouped(stat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    # (..., g, 1) -> (..., C): each feature gets its group's statistic.
+    shape = list(x.shape[:-1])
+    g = stat.size(-2)
+    return stat.expand(shape + [g, x.size(-1) // g]).reshape(shape + [x.size(-1)]).to(x.dtype)
+
+
+def feature_group_mean(x: torch.Tensor, groups: int) -> torch.Tensor:
+    return _feature_ungrouped(_feature_grouped(x, groups).mean(dim=-1, keepdim=True), x)
+
+
+def feature_group_var(x: torch.Tensor, groups: int) -> torch.Tensor:
+    var = _feature_grouped(x, groups).var(dim=-1, unbiased=False, keepdim=True)
+    return _feature_ungrouped(var, x)
+
+
+def feature_group_std(x: torch.Tensor, groups: int, eps: float) -> torch.Tensor:
+    var = _feature_grouped(x, groups).var(dim=-1, unbiased=False, keepdim=True)
+    return _feature_ungrouped((var + eps).sqrt(), x)
+
+
+def feature_group_rms(x: torch.Tensor, groups: int, eps: float) -> torch.Tensor:
+    sq = _feature_grouped(x, groups).square().mean(dim=-1, keepdim=True)
+    return _feature_ungrouped((sq + eps).sqrt(), x)
+
+
+# Batch and tokens (N, T): BatchNorm1d over (N, C, T) read as (..., C); the running
+# estimates follow the batch aggregates above (_update), unbiased variance included.
+
+
+def _feature_rows(x: torch.Tensor) -> torch.Tensor:
+    # (L, C) in at least float32: every position of every sample a row.
+    return x.to(torch.promote_types(x.dtype, torch.float32)).reshape(-1, x.size(-1))
+
+
+def _per_feature(stat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    # (C,) -> (1, ..., 1, C), x's rank.
+    return stat.reshape([1] * (x.dim() - 1) + [-1]).to(x.dtype)
+
+
+def seqbatch_mean(x: torch.Tensor, running: torch.Tensor, training: bool, momentum: float) -> torch.Tensor:
+    if not training:
+        return _per_feature(running, x)
+    mean = _feature_rows(x).mean(dim=0)
+    _update(running, mean, momentum)
+    return _per_feature(mean, x)
+
+
+def _seqbatch_var(x: torch.Tensor, running: torch.Tensor, momentum: float) -> torch.Tensor:
+    rows = _feature_rows(x)
+    var = rows.var(dim=0, unbiased=False)
+    n = rows.size(0)
+    _update(running, var * (n / max(n - 1, 1)), momentum)
+    return var
+
+
+def seqbatch_var(x: torch.Tensor, running: torch.Tensor, training: bool, momentum: float) -> torch.Tensor:
+    if not training:
+        return _per_feature(running, x)
+    return _per_feature(_seqbatch_var(x, running, momentum), x)
+
+
+def seqbatch_std(
+    x: torch.Tensor, running: torch.Tensor, training: bool, momentum: float, eps: float
+) -> torch.Tensor:
+    if not training:
+        return _per_feature((running + eps).sqrt(), x)
+    return _per_feature((_seqbatch_var(x, running, momentum) + eps).sqrt(), x)
+
+
+def seqbatch_rms(
+    x: torch.Tensor, running: torch.Tensor, training: bool, momentum: float, eps: float
+) -> torch.Tensor:
+    if not training:
+        return _per_feature((running + eps).sqrt(), x)
+    sq = _feature_rows(x).square().mean(dim=0)
+    _update(running, sq, momentum)
+    return _per_feature((sq + eps).sqrt(), x)
+
+
+# Fused forms of the sequence layout: layer_norm over the features, and batch_norm over
+# the (L, C) rows viewed as (L, C, 1, 1) so the float64 path of batch_normalize applies.
+
+
+def token_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.nn.functional.layer_norm(x, [x.size(-1)], None, None, eps)
+
+
+def token_normalize_affine(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> torch.Tensor:
+    return torch.nn.functional.layer_norm(x, [x.size(-1)], weight.reshape(-1), bias.reshape(-1),
+                                          eps)
+
+
+def seqbatch_normalize(
+    x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor, training: bool,
+    momentum: float, eps: float
+) -> torch.Tensor:
+    rows = x.reshape(-1, x.size(-1), 1, 1)
+    y = batch_normalize(rows, running_mean, running_var, training, momentum, eps)
+    return y.reshape(x.shape)
+
+
+def seqbatch_normalize_affine(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, running_mean: torch.Tensor,
+    running_var: torch.Tensor, training: bool, momentum: float, eps: float
+) -> torch.Tensor:
+    rows = x.reshape(-1, x.size(-1), 1, 1)
+    w, b = weight.reshape(1, -1, 1, 1), bias.reshape(1, -1, 1, 1)  # as the rows' channels
+    return batch_normalize_affine(rows, w, b, running_mean, running_var, training, momentum,
+                                  eps).reshape(x.shape)

@@ -11,6 +11,8 @@ is exported. Two rewrites, each exact:
   where the graph has five to seven, which is what makes BN-, GN-, IN- and LN-style
   candidates as fast as torch's own modules. The fused step owns the running estimates
   of the mean and std nodes it replaces, under their names, so state_dicts do not change.
+  When such a normalisation is the layer's last step, `fold_affine` also folds in the
+  closing weight * y + bias every layer ends with.
 """
 
 from __future__ import annotations
@@ -19,7 +21,12 @@ from collections import Counter
 from dataclasses import dataclass
 
 from evonas.layers.genome import Genome, Node
-from evonas.layers.ops import DIV_UNGUARDED, INPUTS, NORMALIZE, NORMALIZE_AFFINE, OPS, POS, Op
+from evonas.layers.ops import (ANY, DIV_UNGUARDED, INPUTS, NORMALIZE, NORMALIZE_AFFINE, OPS, POS,
+                               Op)
+
+
+# The names under which a folded step reads the layer's closing affine (fold_affine).
+AFFINE = ("weight", "bias")
 
 
 @dataclass(frozen=True)
@@ -35,6 +42,7 @@ class Step:
 def signs(genome: Genome) -> dict[str, str]:
     """Sign class (ops.POS / NONNEG / ANY) of every input and node of the genome."""
     sign = {name: inp.sign for name, inp in INPUTS.items()}
+    sign.update(dict.fromkeys(genome.scalars, ANY))  # learnt: any sign once trained
     for n in genome.nodes:
         sign[n.id] = OPS[n.op].sign(tuple(sign[i] for i in n.inputs))
     return sign
@@ -57,6 +65,19 @@ def lower(genome: Genome) -> list[Step]:
     return steps
 
 
+def fold_affine(steps: list[Step]) -> list[Step] | None:
+    """The steps with the layer's closing affine weight * y + bias folded into its last
+    step, when that is a fused normalisation without an affine of its own (LayerNorm,
+    BatchNorm): torch's norm kernels then apply weight and bias in the same pass, as
+    nn.LayerNorm does. None when there is nothing to fold. The folded step reads the
+    layer's weight and bias under those names (AFFINE)."""
+    last = steps[-1]
+    if last.op.axes is None or NORMALIZE.get(last.op.axes) is not last.op:
+        return None
+    folded = Step(last.node, NORMALIZE_AFFINE[last.op.axes], (*last.inputs, *AFFINE), last.buffers)
+    return steps[:-1] + [folded]
+
+
 def _fusions(genome: Genome) -> dict[str, tuple[Step, set[str]]]:
     """Fused steps by the node whose value they compute, with the nodes they absorb."""
     uses = Counter(i for n in genome.nodes for i in n.inputs)
@@ -71,11 +92,11 @@ def _fusions(genome: Genome) -> dict[str, tuple[Step, set[str]]]:
     for n in genome.nodes:
         match = _normalization(n, by_id, uses)
         # torch's fused norms need every axis they normalise over (batch_norm refuses N = 1)
-        if match is None or not full[match[0]]:
+        if match is None or not full[match[0]] or match[1] not in NORMALIZE:
             continue
         a, axes, mean, std, absorbed = match
         buffers = (((f"running_mean_{mean}", 0.0), (f"running_var_{std}", 1.0))
-                   if axes == "NHW" else ())
+                   if NORMALIZE[axes].running else ())
         step, top = Step(n.id, NORMALIZE[axes], (a,), buffers), n
         affine = _affine(n, users, by_id, uses)
         if affine is not None:

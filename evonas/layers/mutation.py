@@ -8,7 +8,8 @@ they return is always a valid Genome (genome.py) that is a member of the search 
 
 Random genomes follow the paper: nodes are added one at a time, each op drawn uniformly
 from the space's ops and each argument uniformly from the values that exist so far (the
-space's inputs and the earlier nodes); the last node is the output. An aggregate draws its
+space's inputs and learnt scalars, and the earlier nodes); the last node is the output.
+Genomes take the space's layout, and the initial values of the scalars they read. An aggregate draws its
 argument from x-dependent values only, since a statistic of a constant is no layer.
 
 Mutations are small graph edits, one function each, named in MUTATIONS:
@@ -81,7 +82,7 @@ def random_genome(space: SearchSpace, rng: np.random.Generator) -> Genome:
 def _draw_genome(space: SearchSpace, rng: np.random.Generator) -> Genome | None:
     """One draw, or None when its output does not depend on x or has a statistic's shape
     (the only ways it can fail, tested before the costlier Genome constructor runs)."""
-    values = list(space.inputs)
+    values = list(space.sources)
     x_dep = {name: name == "x" for name in values}
     full = dict(x_dep)
     nodes = []
@@ -94,14 +95,22 @@ def _draw_genome(space: SearchSpace, rng: np.random.Generator) -> Genome | None:
         values.append(node.id)
         x_dep[node.id] = any(x_dep[a] for a in args)
         full[node.id] = op.kind != AGGREGATE and any(full[a] for a in args)
-    return Genome(nodes, nodes[-1].id) if full[nodes[-1].id] else None
+    return _new_genome(space, nodes, nodes[-1].id) if full[nodes[-1].id] else None
 
 
 def _one_node_genome(space: SearchSpace, rng: np.random.Generator) -> Genome:
     # op(x) or op(x, x) with an element-wise op keeps x's shape; every space has one.
     ops = [o for o in space.ops if OPS[o].kind != AGGREGATE]
     op = OPS[ops[int(rng.integers(len(ops)))]]
-    return Genome([Node("n1", op.name, ("x",) * op.arity)], "n1")
+    return _new_genome(space, [Node("n1", op.name, ("x",) * op.arity)], "n1")
+
+
+def _new_genome(space: SearchSpace, nodes: list[Node], output: str,
+                scalars: Mapping[str, float] | None = None) -> Genome:
+    """A genome of the space's layout; it keeps the scalars it reads (given ones first,
+    so a child keeps its parent's initial values, then the space's)."""
+    return Genome(nodes, output, layout=space.layout,
+                  scalars={**dict(space.scalars), **(scalars or {})})
 
 
 # --- graph facts the edits need ---------------------------------------------------------
@@ -121,19 +130,20 @@ def _sources(genome: Genome, space: SearchSpace, node_id: str | None, aggregate:
     and the nodes not downstream of it (all values when node_id is None, i.e. above the
     output). An aggregate's argument must depend on x."""
     down = _downstream(genome, node_id) if node_id else set()
-    values = list(space.inputs) + [n.id for n in genome.nodes if n.id not in down]
+    values = list(space.sources) + [n.id for n in genome.nodes if n.id not in down]
     if aggregate:
         x_dep = genome.depends_on_x()
-        values = [v for v in values if x_dep[v]]
+        values = [v for v in values if x_dep.get(v, False)]
     return values
 
 
-def _rebuilt(genome: Genome, nodes: list[Node], output: str | None = None) -> Genome:
-    return Genome(nodes, output or genome.output)
+def _rebuilt(genome: Genome, space: SearchSpace, nodes: list[Node],
+             output: str | None = None) -> Genome:
+    return _new_genome(space, nodes, output or genome.output, genome.scalars)
 
 
-def _replace(genome: Genome, node: Node, new: Node) -> Genome:
-    return _rebuilt(genome, [new if n.id == node.id else n for n in genome.nodes])
+def _replace(genome: Genome, space: SearchSpace, node: Node, new: Node) -> Genome:
+    return _rebuilt(genome, space, [new if n.id == node.id else n for n in genome.nodes])
 
 
 def _unique(values: Sequence[str]) -> list[str]:
@@ -155,7 +165,7 @@ def _op_change(genome: Genome, space: SearchSpace, pick: Pick) -> Genome:
     if len(args) < new.arity:  # unary -> binary: the old argument plus a drawn one
         other = pick(_sources(genome, space, node.id, False), "")
         args = [args[0], other] if new.commutative or pick([0, 1], "") == 0 else [other, args[0]]
-    return _replace(genome, node, Node(node.id, new.name, tuple(args)))
+    return _replace(genome, space, node, Node(node.id, new.name, tuple(args)))
 
 
 def _input_change(genome: Genome, space: SearchSpace, pick: Pick) -> Genome:
@@ -165,7 +175,7 @@ def _input_change(genome: Genome, space: SearchSpace, pick: Pick) -> Genome:
     choices = [v for v in _sources(genome, space, node.id, aggregate) if v != node.inputs[pos]]
     args = list(node.inputs)
     args[pos] = pick(choices, f"no other value for argument {pos} of {node.id}")
-    return _replace(genome, node, Node(node.id, node.op, tuple(args)))
+    return _replace(genome, space, node, Node(node.id, node.op, tuple(args)))
 
 
 def _node_insert(genome: Genome, space: SearchSpace, pick: Pick) -> Genome:
@@ -184,10 +194,10 @@ def _node_insert(genome: Genome, space: SearchSpace, pick: Pick) -> Genome:
         args = [value, other] if new.commutative or pick([0, 1], "") == 0 else [other, value]
     inserted = Node(_NEW, new.name, tuple(args))
     if user is None:
-        return _rebuilt(genome, list(genome.nodes) + [inserted], _NEW)
+        return _rebuilt(genome, space, list(genome.nodes) + [inserted], _NEW)
     rewired = tuple(_NEW if k == pos else a for k, a in enumerate(user.inputs))
     nodes = [Node(n.id, n.op, rewired) if n is user else n for n in genome.nodes]
-    return _rebuilt(genome, nodes + [inserted])
+    return _rebuilt(genome, space, nodes + [inserted])
 
 
 def _bypasses(genome: Genome, node: Node) -> list[str]:
@@ -206,7 +216,7 @@ def _node_remove(genome: Genome, space: SearchSpace, pick: Pick) -> Genome:
     bypass = pick(_bypasses(genome, node), "")
     nodes = [Node(n.id, n.op, tuple(bypass if a == node.id else a for a in n.inputs))
              for n in genome.nodes if n is not node]
-    return _rebuilt(genome, nodes, bypass if node.id == genome.output else None)
+    return _rebuilt(genome, space, nodes, bypass if node.id == genome.output else None)
 
 
 _EDITS: dict[str, Callable[[Genome, SearchSpace, Pick], Genome]] = {

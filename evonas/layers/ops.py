@@ -5,7 +5,9 @@ The interpreter (interpreter.py) calls `kernel`; the exporter (export.py) writes
 `symbol`; the functional fingerprint and the genome's validation read `arity`,
 `commutative` and `kind`; the lowering pass (lowering.py) reads `sign` to drop guards
 that cannot fire. Adding an op is adding one entry here; tests/test_ops_contract.py then
-checks that its kernel, exported source and symbolic form agree.
+checks that its kernel, exported source and symbolic form agree. Layouts work the same
+way: a layout is a row of LAYOUTS (how a per-channel vector meets x), and its aggregate
+families rows of AXES, from which the mean/var/std/rms ops of each family are made.
 
 Op names are what genome files store, so they never change meaning once released.
 """
@@ -25,14 +27,74 @@ POS, NONNEG, ANY = "pos", "nonneg", "any"
 
 ELEMENTWISE, AGGREGATE = "elementwise", "aggregate"
 
-# Axes families of the aggregates: what each statistic is taken over, for x of (N,C,H,W).
-AXES = {
-    "NHW": "batch: over N, H, W for each channel (running estimate in eval mode)",
-    "HW": "instance: over H, W for each sample and channel",
-    "GHW": "group: over C/g channels of a group and H, W for each sample",
-    "CHW": "layer: over C, H, W for each sample",
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The shape of the activations a layer works on.
+
+    vector_shape: the view of a per-channel vector (and of the layer's affine) against x.
+    """
+
+    name: str
+    doc: str
+    vector_shape: tuple[int, ...]
+
+
+LAYOUTS = {
+    "nchw": Layout("nchw", "(N, C, H, W) feature maps", (1, -1, 1, 1)),
+    "ntc": Layout("ntc", "(N, T, C) token sequences, or any (..., C) input", (-1,)),
 }
-AXES_LATEX = {"NHW": "N,H,W", "HW": "H,W", "GHW": "C/g,H,W", "CHW": "C,H,W"}
+DEFAULT_LAYOUT = "nchw"  # genomes and spaces that name no layout (all files before 0.x)
+
+
+@dataclass(frozen=True)
+class Axes:
+    """What an aggregate family reduces over, and the kernels.py functions computing it.
+
+    kernels: prefix of the functions f"{kernels}_{stat}"; dims: fixed dimensions passed
+    to them; param: "groups" (group count) or "running" (batch: running estimates in eval
+    mode); helpers: the kernels' callees an export copies; fused: prefix of the fused
+    (a - mean) / std kernels lowering.py swaps in, if any; tokens: whether positions of a
+    sequence see one another through the statistic (a causal model must not have them).
+    """
+
+    layout: str
+    doc: str
+    latex: str
+    kernels: str
+    dims: tuple[int, ...] | None = None
+    param: str | None = None
+    helpers: tuple[Callable, ...] = ()
+    fused: str | None = None
+    tokens: bool = False
+
+
+# The aggregate families by name; the name is the op's suffix (mean_NHW, rms_C, ...).
+AXES: dict[str, Axes] = {
+    "NHW": Axes("nchw", "batch: over N, H, W for each channel (running estimate in eval mode)",
+                "N,H,W", "batch", param="running", helpers=(K._update, K._per_channel),
+                fused="batch"),
+    "HW": Axes("nchw", "instance: over H, W for each sample and channel", "H,W", "sample",
+               dims=(2, 3), fused="instance"),
+    "GHW": Axes("nchw", "group: over C/g channels of a group and H, W for each sample",
+                "C/g,H,W", "group", param="groups", helpers=(K._grouped, K._ungrouped),
+                fused="group"),
+    "CHW": Axes("nchw", "layer: over C, H, W for each sample", "C,H,W", "sample",
+                dims=(1, 2, 3), fused="layer"),
+    "C": Axes("ntc", "token: over the C features of each token (LayerNorm, RMSNorm)", "C",
+              "sample", dims=(-1,), fused="token"),
+    "G": Axes("ntc", "feature group: over C/g features of a group for each token", "C/g",
+              "feature_group", param="groups",
+              helpers=(K._feature_grouped, K._feature_ungrouped)),
+    "NT": Axes("ntc", "batch: over N and T for each feature (BatchNorm, PowerNorm; running "
+                      "estimate in eval mode)", "N,T", "seqbatch", param="running",
+               helpers=(K._update, K._feature_rows, K._per_feature), fused="seqbatch",
+               tokens=True),
+    "T": Axes("ntc", "sequence: over the T tokens for each sample and feature", "T", "tokens",
+              helpers=(K._token_rows, K._per_sample_feature), tokens=True),
+}
+AXES_LATEX = {name: axes.latex for name, axes in AXES.items()}
 
 # Where each kernel parameter comes from in an exported module; the interpreter reads the
 # same attributes of its own module.
@@ -57,6 +119,7 @@ class Op:
     sign: sign class of the result from the sign classes of the inputs.
     running: (buffer prefix, initial value) of each running estimate the op keeps, in the
         order its kernel takes them (batch aggregates keep one, fused batch norm two).
+    layout: the layout (LAYOUTS) whose axes an aggregate reduces; element-wise ops fit all.
     """
 
     name: str
@@ -76,6 +139,7 @@ class Op:
     running: tuple[tuple[str, float], ...] = ()
     guard: str = "none needed"
     searchable: bool = True
+    layout: str | None = None  # the one layout an aggregate belongs to; None: any
 
     def source(self, args: tuple[str, ...], running: str = "") -> str:
         """Export source computing this op from the variables named in args."""
@@ -106,7 +170,7 @@ class Input:
 INPUTS: dict[str, Input] = {
     i.name: i
     for i in (
-        Input("x", "the layer's input, shape (N, C, H, W)", ANY),
+        Input("x", "the layer's input, of the genome's layout: (N, C, H, W) or (..., C)", ANY),
         Input("zero", "the constant 0", NONNEG, constant=0.0),
         Input("one", "the constant 1", POS, constant=1.0),
         Input("v0", "trainable per-channel vector, initialised to 0", ANY, init=0.0),
@@ -174,6 +238,8 @@ _ELEMENTWISE = (
        template="torch.sigmoid({0})", sign=_nonneg_sign),
     Op("tanh", 1, torch.tanh, lambda S, a: S.fn("tanh", a), "tanh(a)",
        template="torch.tanh({0})", sign=_keep_sign),
+    Op("erf", 1, torch.erf, lambda S, a: S.fn("erf", a), "the error function erf(a)",
+       template="torch.erf({0})", sign=_keep_sign),
     Op("exp", 1, K.safe_exp, lambda S, a: S.fn("exp", a), "e^a",
        template="safe_exp({0})", helpers=(K.safe_exp,), sign=_nonneg_sign,
        guard="argument clamped to <= 80 (float32 and bfloat16 overflow at 88.7)"),
@@ -208,28 +274,21 @@ _STATS = {
 # Running estimate each batch statistic keeps, with torch.nn.BatchNorm2d's initial values.
 _RUNNING = {"mean": ("running_mean", 0.0), "var": ("running_var", 1.0),
             "std": ("running_var", 1.0), "rms": ("running_sqmean", 1.0)}
-_SAMPLE_DIMS = {"HW": (2, 3), "CHW": (1, 2, 3)}
 
 
-def _aggregate(stat: str, axes: str) -> Op:
+def _aggregate(stat: str, name: str) -> Op:
     doc, sign, eps = _STATS[stat]
-    common = dict(kind=AGGREGATE, axes=axes, stat=stat, sign=sign,
-                  symbol=lambda S, a: S.aggregate(stat, axes, a),
-                  doc=f"{doc} {AXES[axes]}")
-    tail = ("eps",) if eps else ()
-    if axes == "NHW":
-        kernel = getattr(K, f"batch_{stat}")
-        helpers = (K._update, K._per_channel) + ((K._batch_var,) if stat in ("var", "std") else ())
-        return Op(f"{stat}_{axes}", 1, kernel, helpers=helpers + (kernel,),
-                  params=("running", "training", "momentum") + tail,
-                  running=(_RUNNING[stat],), **common)
-    if axes == "GHW":
-        kernel = getattr(K, f"group_{stat}")
-        return Op(f"{stat}_{axes}", 1, kernel, helpers=(K._grouped, K._ungrouped, kernel),
-                  params=("groups",) + tail, **common)
-    kernel = getattr(K, f"sample_{stat}")
-    return Op(f"{stat}_{axes}", 1, kernel, helpers=(kernel,), dims=_SAMPLE_DIMS[axes],
-              params=tail, **common)
+    axes = AXES[name]
+    kernel = getattr(K, f"{axes.kernels}_{stat}")
+    # var and std of a batch family share one callee computing and recording the variance
+    shared = getattr(K, f"_{axes.kernels}_var", None) if stat in ("var", "std") else None
+    params = (("running", "training", "momentum") if axes.param == "running" else
+              ("groups",) if axes.param == "groups" else ()) + (("eps",) if eps else ())
+    return Op(f"{stat}_{name}", 1, kernel, lambda S, a: S.aggregate(stat, name, a),
+              f"{doc} {axes.doc}", kind=AGGREGATE, axes=name, stat=stat, sign=sign,
+              helpers=axes.helpers + ((shared,) if shared else ()) + (kernel,),
+              dims=axes.dims, params=params, layout=axes.layout,
+              running=(_RUNNING[stat],) if axes.param == "running" else ())
 
 
 _AGGREGATES = tuple(_aggregate(stat, axes) for axes in AXES for stat in _STATS)
@@ -243,31 +302,31 @@ def _normalized(S, axes, a):
     return S.div(S.add(a, S.neg(S.aggregate("mean", axes, a))), S.aggregate("std", axes, a))
 
 
-_NORM_KERNELS = {"NHW": "batch", "GHW": "group", "HW": "instance", "CHW": "layer"}
-
-
-def _normalize(axes: str, affine: bool) -> Op:
-    base = getattr(K, f"{_NORM_KERNELS[axes]}_normalize")
-    kernel = getattr(K, f"{_NORM_KERNELS[axes]}_normalize_affine") if affine else base
-    batch = axes == "NHW"
-    helpers = ((K._update, K._per_channel, K._batch_var, K.batch_mean, K.batch_std, base)
+def _normalize(name: str, affine: bool) -> Op:
+    axes = AXES[name]
+    base = getattr(K, f"{axes.fused}_normalize")
+    kernel = getattr(K, f"{axes.fused}_normalize_affine") if affine else base
+    batch = axes.param == "running"
+    # The batch kernels fall back to the unfused statistics in float64 (batch_normalize).
+    helpers = ((K._update, K._per_channel, K._batch_var, K.batch_mean, K.batch_std,
+                K.batch_normalize) + ((K.batch_normalize_affine,) if affine else ())
                if batch else ())
-    helpers += (kernel,) if kernel is not base else (base,)
+    helpers += (kernel,)
     params = (("running", "training", "momentum") if batch else
-              ("groups",) if axes == "GHW" else ()) + ("eps",)
+              ("groups",) if axes.param == "groups" else ()) + ("eps",)
     if affine:
-        symbol = lambda S, a, w, b: S.add(S.mul(_normalized(S, axes, a), w), b)  # noqa: E731
+        symbol = lambda S, a, w, b: S.add(S.mul(_normalized(S, name, a), w), b)  # noqa: E731
     else:
-        symbol = lambda S, a: _normalized(S, axes, a)  # noqa: E731
-    return Op(f"normalize{'_affine' if affine else ''}_{axes}", 3 if affine else 1, kernel,
-              symbol, f"(a - mean_{axes}(a)) / std_{axes}(a)" + (" * w + b" if affine else ""),
-              kind=AGGREGATE, axes=axes, helpers=tuple(dict.fromkeys(helpers)), params=params,
+        symbol = lambda S, a: _normalized(S, name, a)  # noqa: E731
+    return Op(f"normalize{'_affine' if affine else ''}_{name}", 3 if affine else 1, kernel,
+              symbol, f"(a - mean_{name}(a)) / std_{name}(a)" + (" * w + b" if affine else ""),
+              kind=AGGREGATE, axes=name, helpers=tuple(dict.fromkeys(helpers)), params=params,
               running=(("running_mean", 0.0), ("running_var", 1.0)) if batch else (),
-              searchable=False)
+              searchable=False, layout=axes.layout)
 
 
-NORMALIZE = {axes: _normalize(axes, False) for axes in AXES}
-NORMALIZE_AFFINE = {axes: _normalize(axes, True) for axes in AXES}
+NORMALIZE = {name: _normalize(name, False) for name, axes in AXES.items() if axes.fused}
+NORMALIZE_AFFINE = {name: _normalize(name, True) for name, axes in AXES.items() if axes.fused}
 
 OPS: dict[str, Op] = {op.name: op for op in _ELEMENTWISE + _AGGREGATES + (DIV_UNGUARDED,)
                       + tuple(NORMALIZE.values()) + tuple(NORMALIZE_AFFINE.values())}
@@ -292,6 +351,7 @@ def _check_table() -> None:
         assert all(p in PARAM_SOURCE for p in op.params), op.name
         assert all(f"a{i}" in src for i in range(op.arity)), op.name
         assert bool(op.running) == ("running" in op.params), op.name
+        assert (op.layout in LAYOUTS) == (op.kind == AGGREGATE), op.name
 
 
 _check_table()
@@ -304,9 +364,11 @@ def op(name: str) -> Op:
 def describe() -> str:
     """One line per op and input, for `evonas ops` and the README."""
     lines = [f"{i.name:<12} input      {i.doc}" for i in INPUTS.values()]
-    lines += [f"{o.name:<12} {o.kind:<10} {o.doc}" for o in OPS.values() if o.searchable]
+    lines += [f"{o.name:<12} {o.kind:<10} {o.doc}" + (f" [{o.layout}]" if o.layout else "")
+              for o in OPS.values() if o.searchable]
     return "\n".join(lines)
 
 
-__all__ = ["Op", "Input", "OPS", "INPUTS", "SEARCHABLE_OPS", "ELEMENTWISE_OPS",
+__all__ = ["Op", "Input", "Layout", "Axes", "LAYOUTS", "AXES", "DEFAULT_LAYOUT", "OPS",
+           "INPUTS", "SEARCHABLE_OPS", "ELEMENTWISE_OPS",
            "AGGREGATE_OPS", "DIV_UNGUARDED", "NORMALIZE", "NORMALIZE_AFFINE", "POS", "NONNEG", "ANY", "op", "describe"]

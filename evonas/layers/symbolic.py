@@ -16,6 +16,7 @@ expand names its shared nodes instead (`n3 = ...` lines, then `y = ...`).
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import numpy as np
@@ -24,7 +25,7 @@ from sympy.printing.latex import LatexPrinter
 from sympy.printing.str import StrPrinter
 
 from evonas.layers.genome import Genome
-from evonas.layers.ops import AGGREGATE_OPS, AXES_LATEX, INPUTS, OPS
+from evonas.layers.ops import AGGREGATE_OPS, AXES_LATEX, INPUTS, LAYOUTS, OPS
 
 # Ops and leaves an expanded formula may hold; beyond it shared nodes are named. A
 # readable 10-node layer stays far below; a value reused down a chain passes it quickly.
@@ -92,7 +93,7 @@ def _aggregate_class(name: str) -> type[Aggregate]:
 
 AGGREGATES: dict[str, type[Aggregate]] = {name: _aggregate_class(name) for name in AGGREGATE_OPS}
 FUNCTIONS: dict[str, type[sp.Function]] = {
-    "sigmoid": sigmoid, "tanh": sp.tanh, "exp": sp.exp, "abs": sp.Abs,
+    "sigmoid": sigmoid, "tanh": sp.tanh, "erf": sp.erf, "exp": sp.exp, "abs": sp.Abs,
     "slog": slog, "ssqrt": ssqrt,
 }
 
@@ -140,7 +141,7 @@ S = _Builder()
 
 
 def _input_symbol(name: str) -> sp.Expr:
-    constant = INPUTS[name].constant
+    constant = INPUTS[name].constant if name in INPUTS else None  # scalars are symbols
     if constant is not None:
         return sp.Integer(int(constant)) if constant == int(constant) else sp.Float(constant)
     return sp.Symbol(name, real=True)
@@ -151,7 +152,7 @@ def _input_symbol(name: str) -> sp.Expr:
 
 def _definitions(genome: Genome, named: frozenset[str] = frozenset()) -> dict[str, sp.Expr]:
     """Each node's expression; nodes in `named` appear in later ones as their symbol."""
-    value = {name: _input_symbol(name) for name in INPUTS}
+    value = {name: _input_symbol(name) for name in [*INPUTS, *genome.scalars]}
     defs = {}
     for n in genome.nodes:
         defs[n.id] = OPS[n.op].symbol(S, *(value[i] for i in n.inputs))
@@ -161,7 +162,7 @@ def _definitions(genome: Genome, named: frozenset[str] = frozenset()) -> dict[st
 
 def _tree_size(genome: Genome) -> int:
     """Ops and leaves of the output expanded as a tree, counted without expanding it."""
-    size = dict.fromkeys(INPUTS, 1)
+    size = dict.fromkeys([*INPUTS, *genome.scalars], 1)
     for n in genome.nodes:
         size[n.id] = 1 + sum(size[i] for i in n.inputs)
     return size[genome.output]
@@ -292,6 +293,14 @@ class _Latex(_Layout, LatexPrinter):
     def _print_tanh(self, e: sp.tanh) -> str:
         return rf"\tanh\left({self._print(e.args[0])}\right)"
 
+    def _print_Symbol(self, e: sp.Symbol, style: str = "plain") -> str:
+        # a scalar named like "shift" reads as one word; alpha, v1 and n3 keep sympy's form
+        shown = super()._print_Symbol(e, style)
+        return rf"\mathrm{{{shown}}}" if shown == e.name and len(e.name) > 1 else shown
+
+    def _print_erf(self, e: sp.erf) -> str:
+        return rf"\operatorname{{erf}}\left({self._print(e.args[0])}\right)"
+
 
 def formula(genome: Genome, *, name_shared: bool = False) -> str:
     """Readable formula of the layer's y, before the final affine weight * y + bias.
@@ -332,7 +341,15 @@ def equation(genome: Genome, *, tex: bool = False) -> str:
 
 # --- numeric evaluation -----------------------------------------------------------------------
 
-_AXES_DIMS = {"NHW": (0, 2, 3), "HW": (2, 3), "CHW": (1, 2, 3)}
+# The axes each family reduces, for a value of rank r (written apart from kernels.py on
+# purpose: the contract test compares the two readings).
+_AXES_DIMS: dict[str, Callable[[int], tuple[int, ...]]] = {
+    "NHW": lambda r: (0, 2, 3), "HW": lambda r: (2, 3), "CHW": lambda r: (1, 2, 3),
+    "C": lambda r: (r - 1,), "NT": lambda r: tuple(range(r - 1)),
+    "T": lambda r: tuple(range(1, r - 1)),
+}
+# Group families: the axis whose channels are grouped, and the axes reduced with them.
+_GROUPED = {"GHW": 1, "G": -1}
 
 
 def _np_stat(stat: str, a: np.ndarray, dims: tuple[int, ...] | int, eps: float) -> np.ndarray:
@@ -346,8 +363,13 @@ def _np_stat(stat: str, a: np.ndarray, dims: tuple[int, ...] | int, eps: float) 
 
 
 def _np_aggregate(f: Aggregate, a: np.ndarray, eps: float, groups: int) -> np.ndarray:
-    if f.axes != "GHW":
-        return _np_stat(f.stat, a, _AXES_DIMS[f.axes], eps)
+    if f.axes not in _GROUPED:
+        return _np_stat(f.stat, a, _AXES_DIMS[f.axes](a.ndim), eps)
+    if f.axes == "G":  # per token: the last axis in groups of C/g features
+        c = a.shape[-1]
+        g = groups if c > 1 else 1
+        stat = _np_stat(f.stat, a.reshape(*a.shape[:-1], g, c // g), -1, eps)
+        return np.repeat(stat, c // g, axis=-1).reshape(a.shape)
     n, c = a.shape[:2]
     g = groups if c > 1 else 1  # as kernels._grouped: a one-channel value is one group
     stat = _np_stat(f.stat, a.reshape(n, g, -1), -1, eps)
@@ -358,6 +380,7 @@ _NUMPY: dict[type, Callable[..., np.ndarray]] = {
     maximum: np.maximum,
     sigmoid: lambda a: 1.0 / (1.0 + np.exp(-a)),
     sp.tanh: np.tanh,
+    sp.erf: np.vectorize(math.erf, otypes=[np.float64]),
     sp.exp: np.exp,
     sp.Abs: np.abs,
     slog: lambda a: np.sign(a) * np.log(np.abs(a)),
@@ -390,22 +413,27 @@ def _evaluate(e: sp.Basic, env: dict, eps: float, groups: int, memo: dict) -> np
 
 
 def numeric(genome: Genome, *, eps: float = 1e-5, groups: int = 1) -> Callable[..., np.ndarray]:
-    """f(x, v0=None, v1=None) -> y: the sympy expression evaluated in float64 numpy.
+    """f(x, v0=None, v1=None, **scalars) -> y: the sympy expression evaluated in float64
+    numpy.
 
-    x is (N, C, H, W); v0 and v1 are per-channel vectors (their initial 0 and 1 when
-    omitted). Batch aggregates use the batch's statistics (training mode); groups is the
-    layer's resolved group count. The numeric guards of ops.py (clamped denominators and
-    logs) are implementation, not part of the formula, and are not applied.
+    x has the genome's layout, (N, C, H, W) or (..., C); v0 and v1 are per-channel vectors
+    and the scalars numbers (their initial values when omitted). Batch aggregates use the
+    batch's statistics (training mode); groups is the layer's resolved group count. The
+    numeric guards of ops.py (clamped denominators and logs) are implementation, not part
+    of the formula, and are not applied.
     """
     expr = expression(genome)
+    shape = LAYOUTS[genome.layout].vector_shape
+    inits = genome.scalars
 
-    def f(x: np.ndarray, v0: np.ndarray | None = None, v1: np.ndarray | None = None) -> np.ndarray:
+    def f(x: np.ndarray, v0: np.ndarray | None = None, v1: np.ndarray | None = None,
+          **scalars: float) -> np.ndarray:
         x = np.asarray(x, dtype=np.float64)
-        c = x.shape[1]
-        env = {"x": x}
+        c = x.shape[shape.index(-1) - len(shape)]  # the channel axis the vectors align with
+        env = {"x": x, **{k: np.float64(scalars.get(k, v)) for k, v in inits.items()}}
         for name, given in (("v0", v0), ("v1", v1)):
             vec = np.full(c, INPUTS[name].init) if given is None else np.asarray(given, np.float64)
-            env[name] = vec.reshape(1, c, 1, 1)
+            env[name] = vec.reshape(shape)
         with np.errstate(all="ignore"):
             return _evaluate(expr, env, eps, groups, {})
 

@@ -10,6 +10,12 @@ Every layer ends in the per-channel affine weight * y + bias that GenomeLayer ad
 classic norm + activation layer carries its own affine inside the graph as v1 * xhat + v0
 (v1 = 1, v0 = 0 at init): with weight = 1 and bias = 0 the layer is exactly the classic
 one. The EvoNorms need no inner affine: theirs is the outer one, as in the papers' code.
+
+The sequence layers (layout ntc: (N, T, C) or any (..., C), features last) replace
+torch.nn.LayerNorm in transformers. They have no activation after them, so their affine
+is the outer one too: weight and bias are LayerNorm's, and the state_dict of an
+nn.LayerNorm loads into the layernorm entry as it is. Learnt scalars (DyT's alpha) are
+genome scalars with the initial values the papers give.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from evonas.layers.interpreter import GenomeLayer, layer_factory
 if TYPE_CHECKING:
     from evonas.layers.space import SearchSpace
 
+_DYT = ("Zhu, Chen, He, LeCun, Liu, Transformers without Normalization, CVPR 2025 "
+        "(arXiv 2503.10622; code jiachenzhu/DyT)")
 _PAPER = ("Liu, Brock, Simonyan, Le, Evolving Normalization-Activation Layers, NeurIPS 2020 "
           "(arXiv 2004.02967)")
 _TF = "tensorflow/tpu models/official/resnet/resnet_model.py evonorm()"
@@ -70,6 +78,17 @@ def _entry(name: str, steps: Sequence[Step], description: str, reference: str,
            **defaults: object) -> ZooEntry:
     return ZooEntry(name, chain(*steps, name=name), description, reference,
                     MappingProxyType(dict(defaults)))
+
+
+def _sequence(name: str, steps: Sequence[Step], description: str, reference: str,
+              scalars: Mapping[str, float] | None = None) -> ZooEntry:
+    return ZooEntry(name, chain(*steps, name=name, layout="ntc", scalars=scalars), description,
+                    reference)
+
+
+def _standardize(mean: str, std: str) -> list[Step]:
+    """(x - mean(x)) / std(x), the outer affine being the norm's own (5 nodes)."""
+    return _normalize(mean, std)[:5]
 
 
 _ENTRIES = (
@@ -123,14 +142,53 @@ _ENTRIES = (
             ("div", ["n2", "n3"])],
            "EvoNorm-S2: x * sigmoid(x) / sqrt(mu_GHW(x^2) + eps)",
            f"{_PAPER}; timm.layers.EvoNorm2dS2"),
+    # --- sequence layers (ntc): drop-ins for torch.nn.LayerNorm --------------------------
+    _sequence("layernorm", _standardize("mean_C", "std_C"),
+              "LayerNorm: statistics over the features of each token",
+              "torch.nn.LayerNorm(C) (Ba, Kiros, Hinton 2016)"),
+    _sequence("rmsnorm", [("rms_C", ["x"]), ("div", ["x", "n1"])],
+              "RMSNorm: x over the root mean square of its token's features, no centring",
+              "torch.nn.RMSNorm(C) (Zhang & Sennrich 2019); its missing bias is ours at 0"),
+    _sequence("dyt", [("mul", ["alpha", "x"]), ("tanh", ["n1"])],
+              "DyT: tanh(alpha * x), alpha one learnt scalar (0.5 at init); no statistics",
+              f"{_DYT}; the LLaMA variant drops beta and sets alpha per site and width",
+              {"alpha": 0.5}),
+    # Ports disagree whether alpha and s are scalars or per-feature: scalars here, as
+    # DyT's alpha, with DyT's initial 0.5 and a shift starting at 0.
+    _sequence("derf", [("mul", ["alpha", "x"]), ("add", ["n1", "shift"]), ("erf", ["n2"])],
+              "Derf: erf(alpha * x + s), alpha and s learnt scalars (0.5 and 0 at init)",
+              "Derf, arXiv 2512.10938 (2025), found by a search over point-wise functions",
+              {"alpha": 0.5, "shift": 0.0}),
+    _sequence("bn_nt", _standardize("mean_NT", "std_NT"),
+              "BatchNorm over batch and tokens: per feature, running estimates at eval",
+              "torch.nn.BatchNorm1d(C) on x.transpose(1, 2) (Ioffe & Szegedy 2015)"),
+    # PowerNorm's forward statistic only. The paper (Shen, Yao, Gholami, Mahoney, Keutzer,
+    # ICML 2020) also divides by the running quadratic mean in the training forward after
+    # a warm-up, and backpropagates through it with an approximate backward pass that
+    # keeps a running estimate of the gradient's statistic. Running estimates are buffers
+    # outside autograd here, so no graph of these ops can carry a gradient through them:
+    # that custom backward is what this entry lacks.
+    _sequence("powernorm", [("rms_NT", ["x"]), ("div", ["x", "n1"])],
+              "PowerNorm's forward: x over the quadratic mean over batch and tokens, no "
+              "centring; the running estimate at eval",
+              "Shen et al., PowerNorm: Rethinking Batch Normalization in Transformers, ICML "
+              "2020 (arXiv 2003.07845), without its approximate backward"),
+    # ScaleNorm's g * x / ||x|| with ||x|| = sqrt(C) * rms_C(x): gain = g / sqrt(C), so the
+    # paper's initial g = sqrt(C) is gain = 1 at every width.
+    _sequence("scalenorm", [("rms_C", ["x"]), ("div", ["x", "n1"]), ("mul", ["gain", "n2"])],
+              "ScaleNorm: g * x / ||x|| over each token's features, g one learnt scalar",
+              "Nguyen & Salazar, Transformers without Tears, 2019 (arXiv 1910.05895); "
+              "gain = g / sqrt(C), the paper's g = sqrt(C) at init",
+              {"gain": 1.0}),
 )
 
 ZOO: Mapping[str, ZooEntry] = MappingProxyType({e.name: e for e in _ENTRIES})
 
 
-def names() -> tuple[str, ...]:
-    """The zoo's layer names: classic layers first, then the EvoNorms."""
-    return tuple(ZOO)
+def names(layout: str | None = None) -> tuple[str, ...]:
+    """The zoo's layer names: classic layers first, then the EvoNorms, then the sequence
+    layers; only those of one layout ("nchw", "ntc") when it is given."""
+    return tuple(n for n, e in ZOO.items() if layout in (None, e.genome.layout))
 
 
 def entry(name: str) -> ZooEntry:
