@@ -5,6 +5,7 @@ No test touches the network: downloads are exercised with a patched urlopen.
 
 import hashlib
 import io
+import os
 import pickle
 import tarfile
 import urllib.error
@@ -156,6 +157,58 @@ def test_corrupt_batch_file_is_named(tmp_path):
     (tmp_path / "cifar-10-batches-py" / "data_batch_2").write_bytes(b"not a pickle")
     with pytest.raises(EvonasError, match="data_batch_2"):
         load_dataset("cifar10", tmp_path)
+
+
+class _RunsOnLoad:
+    """Pickles as a call of fn(arg): what a planted batch file does when it is unpickled."""
+
+    def __init__(self, fn, arg):
+        self.fn, self.arg = fn, arg
+
+    def __reduce__(self):
+        return self.fn, (self.arg,)
+
+
+@pytest.mark.parametrize("call", ["os.system", "builtins.exec"])
+def test_batch_that_would_run_code_is_refused_unrun(tmp_path, call):
+    batches = write_fake_cifar(tmp_path)
+    marker = tmp_path / "ran"
+    payload = (_RunsOnLoad(os.system, f"touch {marker}") if call == "os.system"
+               else _RunsOnLoad(exec, f"open({str(marker)!r}, 'w').close()"))
+    planted = dict(batches["data_batch_4"], labels=payload)
+    with open(tmp_path / "cifar-10-batches-py" / "data_batch_4", "wb") as f:
+        pickle.dump(planted, f, protocol=2)
+    with pytest.raises(EvonasError, match=r"data_batch_4 refers to .*(system|exec).*official "
+                                          r"archive") as err:
+        load_dataset("cifar10", tmp_path)
+    assert "\n" not in str(err.value)
+    assert not marker.exists(), "the planted pickle ran"
+
+
+def _python2_style(batch: dict) -> bytes:
+    """batch pickled as the official files are: protocol 2, numpy 1.x's global names, the
+    pixels as a latin1 string (Python 2's str) rather than bytes."""
+    func, args, (version, shape, dtype, fortran, raw) = batch["data"].__reduce__()
+
+    class Data:
+        def __reduce__(self):
+            return func, args, (version, shape, dtype, fortran, raw.decode("latin1"))
+
+    blob = pickle.dumps(dict(batch, data=Data()), protocol=2)
+    return blob.replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+
+
+@pytest.mark.parametrize("protocol", ["python2", 4])
+def test_batches_of_other_writers_load(tmp_path, protocol):
+    batches = write_fake_cifar(tmp_path)
+    raw = batches["test_batch"]
+    blob = (_python2_style(raw) if protocol == "python2"
+            else pickle.dumps(raw, protocol=protocol))
+    assert (b"numpy.core.multiarray" in blob) == (protocol == "python2")
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(blob)
+    x, y = load_cifar10_test(tmp_path)
+    assert y.tolist() == raw["labels"]
+    np.testing.assert_array_equal(_raw_rows(x), raw["data"])
 
 
 def test_bad_val_size_and_seed_are_rejected(tmp_path):

@@ -10,9 +10,13 @@ tensors that train_proxy samples minibatches from, for the rejection stages and 
 - "synthetic" is generated in-process: class-specific low-frequency colour/texture templates
   plus noise, learnable by a small CNN in a few dozen SGD steps, so tests and CI run offline
   and fast.
+- "shakespeare" and "synthetic_text" are character-level text for the language-model proxy,
+  loaded by evonas/proxy/text.py as a TextDataset (token ids, not images).
 
 Decoded CIFAR-10 arrays are cached per folder for the life of the process, because a search
-worker loads the dataset again for every candidate it evaluates.
+worker loads the dataset again for every candidate it evaluates. Batch files are unpickled
+with an allow-list of the globals the official files reference, so a planted file cannot run
+code.
 """
 
 from __future__ import annotations
@@ -31,8 +35,9 @@ import numpy as np
 import torch
 
 from evonas.errors import EvonasError
+from evonas.proxy.text import TEXT_DATASETS, TextDataset, load_text_dataset, read_shakespeare
 
-DATASETS = ("cifar10", "synthetic")
+DATASETS = ("cifar10", "synthetic", *TEXT_DATASETS)
 DATA_DIR_ENV = "EVONAS_DATA_DIR"
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -77,13 +82,14 @@ _SPLITS: dict[tuple[str, int, int], Dataset] = {}
 
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, val_size: int = 5000,
                  seed: int = 0, download: bool = True, n_train: int | None = None,
-                 n_val: int | None = None) -> Dataset:
-    """Load a proxy dataset by name ("cifar10" or "synthetic").
+                 n_val: int | None = None) -> Dataset | TextDataset:
+    """Load a proxy dataset by name ("cifar10", "synthetic", or a text set of text.py).
 
     cifar10: data_dir (or $EVONAS_DATA_DIR) is the folder holding cifar-10-batches-py, or that
     folder itself; val_size training images chosen by numpy Generator(seed) are held out as
     the validation set. synthetic: n_train (default 2048) and n_val (default 512) images made
-    from seed; data_dir, val_size and download do not apply.
+    from seed; data_dir, val_size and download do not apply. shakespeare: data_dir (or
+    $EVONAS_DATA_DIR) holds input.txt or tinyshakespeare.txt.gz; synthetic_text: made from seed.
     """
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise EvonasError(f"dataset seed must be a non-negative integer, got {seed!r}")
@@ -95,6 +101,11 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, val_si
     if name == "synthetic":
         return make_synthetic(n_train=2048 if n_train is None else n_train,
                               n_val=512 if n_val is None else n_val, seed=seed)
+    if name in TEXT_DATASETS:
+        if n_train is not None or n_val is not None:
+            raise EvonasError(f"n_train/n_val apply to the synthetic image dataset only, "
+                              f"not to {name}: leave them unset")
+        return load_text_dataset(name, _given_dir(data_dir), seed=seed, download=download)
     raise EvonasError(f"unknown dataset {name!r}: use one of {', '.join(DATASETS)}")
 
 
@@ -170,11 +181,16 @@ def ensure_dataset(name: str, data_dir: str | os.PathLike | None = None, *,
         missing = [f for f in CIFAR10_TRAIN_FILES if not (folder / f).is_file()]
         if missing:
             raise EvonasError(f"CIFAR-10 folder {folder} lacks {missing[0]}; {_FIX_HINT}")
+    if name == "shakespeare":
+        read_shakespeare(_given_dir(data_dir), download=download)
+
+
+def _given_dir(data_dir: str | os.PathLike | None) -> str | os.PathLike | None:
+    return data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV) or None
 
 
 def _resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
-    if data_dir is None:
-        data_dir = os.environ.get(DATA_DIR_ENV) or None
+    data_dir = _given_dir(data_dir)
     if data_dir is None:
         raise EvonasError(f"no CIFAR-10 folder given: {_FIX_HINT}")
     return Path(data_dir).expanduser().resolve()
@@ -272,19 +288,49 @@ def _read_cached(folder: Path, files: tuple[str, ...]) -> tuple[np.ndarray, np.n
     return _CACHE[key]
 
 
+# Every global a python-format CIFAR-10 batch references: numpy's array reconstruction (under
+# numpy.core in the official files, numpy 1.x; under numpy._core when numpy 2 wrote the file)
+# and _codecs.encode, through which Python 3 pickles bytes at protocols 0-2. Dicts, lists,
+# strings and numbers need no global. Any other global is a callable the file could run.
+_BATCH_GLOBALS = frozenset({
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),
+})
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A batch file names a global outside _BATCH_GLOBALS; the message is its dotted name."""
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles what a CIFAR-10 batch holds and refuses any other global before it is loaded."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _BATCH_GLOBALS:
+            raise _RefusedGlobal(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
 def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """One pickled batch file: uint8 images (N,3,32,32) in CHW order, int64 labels (N,)."""
     try:
         with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="latin1")
+            batch = _BatchUnpickler(f, encoding="latin1").load()
         data = np.asarray(batch["data"], dtype=np.uint8)
         labels = np.asarray(batch["labels"], dtype=np.int64)
+    except _RefusedGlobal as err:
+        raise EvonasError(f"CIFAR-10 batch {path} refers to {err}, which no official batch "
+                          f"does, so it was not loaded (it could run code); replace it with "
+                          f"the file of the official archive or {_FIX_HINT}") from None
     except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as err:
         raise EvonasError(f"cannot read CIFAR-10 batch {path} ({type(err).__name__}: {err}); "
                           f"re-extract the official archive there or {_FIX_HINT}") from None
-    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.shape != (len(data),):
         raise EvonasError(f"CIFAR-10 batch {path} has data of shape {data.shape} and "
-                          f"{len(labels)} labels, expected N x 3072 and N labels; "
+                          f"labels of shape {labels.shape}, expected N x 3072 and N labels; "
                           f"re-extract the official archive there or {_FIX_HINT}")
     if len(labels) and (labels.min() < 0 or labels.max() >= CIFAR10_NUM_CLASSES):
         raise EvonasError(f"CIFAR-10 batch {path} has labels outside 0..9; "

@@ -18,6 +18,8 @@ Architecture names for build_model:
   resnet, resnet8          ResNet-8 (proxy); resnet20, resnet32, resnet56 for full training
   mobilenetv2              small MobileNetV2 (proxy); mobilenetv2_full: standard MobileNetV2
   efficientnet             small EfficientNet (proxy); efficientnet_b0: EfficientNet-B0 layout
+  lm, vit                  transformers (transformer.py): a causal character LM and a ViT, with
+                           lm_full and vit_full for full training; SEQUENCE_ARCHS below
 `width` is the channel count of the first stage (16 in all standard layouts); the other
 stages scale with it.
 """
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from evonas.errors import EvonasError
+from evonas.proxy.transformer import transformer_lm, vit
 
 NormAct = Callable[..., nn.Module]
 """A layer factory: norm_act(num_features: int, apply_act: bool = True) -> nn.Module."""
@@ -301,7 +304,17 @@ ARCHS: dict[str, tuple[Callable[..., nn.Module], dict[str, Any]]] = {
     "mobilenetv2_full": (mobilenetv2, {"config": "full"}),
     "efficientnet": (efficientnet, {}),
     "efficientnet_b0": (efficientnet, {"config": "b0"}),
+    "lm": (transformer_lm, {}),
+    "lm_full": (transformer_lm, {"depth": 6, "context": 256}),
+    "vit": (vit, {}),
+    "vit_full": (vit, {"depth": 9}),
 }
+
+SEQUENCE_ARCHS = ("lm", "lm_full", "vit", "vit_full")
+"""Transformers (transformer.py): their factory is norm_layer(C) over (N, T, C), not norm_act."""
+
+TEXT_ARCHS = ("lm", "lm_full")
+"""Causal LMs: they read a text dataset's windows and train with train_lm.LMTrainer."""
 
 PROXY_ARCHS = ("resnet", "mobilenetv2", "efficientnet")
 """The three small architectures the proxy tasks use by default."""
@@ -313,7 +326,8 @@ def build_model(arch: str, norm_act: NormAct, width: int, num_classes: int = 10,
     if arch not in ARCHS:
         raise EvonasError(f"unknown architecture {arch!r}: use one of {', '.join(ARCHS)}")
     builder, preset = ARCHS[arch]
-    options = set(inspect.signature(builder).parameters) - {"norm_act", "width", "num_classes"}
+    options = set(inspect.signature(builder).parameters) - {"norm_act", "norm_layer", "width",
+                                                             "num_classes"}
     unknown = sorted(set(kw) - options)
     if unknown:
         raise EvonasError(f"unknown option {unknown[0]!r} for architecture {arch!r}: use "

@@ -32,6 +32,9 @@ from evonas.proxy.data import Dataset
 from evonas.proxy.models import ARCHS, NormAct, build_model
 
 _PAD = 4  # random-crop padding, as in the standard CIFAR augmentation
+# "sgd": with config.momentum, for the CNNs; "adamw": betas (0.9, 0.95), the usual setting
+# of GPT-style transformers, for the LM and ViT recipes (train_transformer.py).
+OPTIMIZERS = ("sgd", "adamw")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +59,7 @@ class ProxyConfig:
     label_smoothing: float = 0.0
     grad_clip: float | None = None
     augment: bool = True
+    optimizer: str = "sgd"
     eval_size: int | None = None
     eval_batch_size: int = 500
     log_every: int = 10
@@ -77,6 +81,9 @@ class ProxyConfig:
             self._check_float("grad_clip", low=0.0, low_open=True)
         if not isinstance(self.augment, bool):
             raise EvonasError(f"proxy augment must be true or false, got {self.augment!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise EvonasError(f"proxy optimizer {self.optimizer!r} is unknown: use one of "
+                              f"{', '.join(OPTIMIZERS)}")
 
     def _check_float(self, name: str, *, low: float, high: float | None = None,
                      low_open: bool = False) -> None:
@@ -157,6 +164,17 @@ def train_proxy(norm_act: NormAct, config: ProxyConfig, data: Dataset, *, seed: 
 
 def _check_call(config: ProxyConfig, data: Dataset, seed: int, num_threads: int | None,
                 max_seconds: float | None) -> None:
+    check_run(config, seed, num_threads, max_seconds)
+    if config.batch_size > len(data.train_y):
+        raise EvonasError(f"proxy batch_size {config.batch_size} exceeds the "
+                          f"{len(data.train_y)} training images of {data.name}: lower it")
+    if len(data.val_y) == 0:
+        raise EvonasError(f"dataset {data.name} has no validation images to score on")
+
+
+def check_run(config: ProxyConfig, seed: int, num_threads: int | None,
+              max_seconds: float | None) -> None:
+    """Check the arguments of a proxy training that do not depend on its data."""
     if not isinstance(config, ProxyConfig):
         raise EvonasError(f"train_proxy needs a ProxyConfig, got {type(config).__name__}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -167,11 +185,6 @@ def _check_call(config: ProxyConfig, data: Dataset, seed: int, num_threads: int 
                                     or not isinstance(max_seconds, (int, float))
                                     or not max_seconds > 0):
         raise EvonasError(f"max_seconds must be a positive number, got {max_seconds!r}")
-    if config.batch_size > len(data.train_y):
-        raise EvonasError(f"proxy batch_size {config.batch_size} exceeds the "
-                          f"{len(data.train_y)} training images of {data.name}: lower it")
-    if len(data.val_y) == 0:
-        raise EvonasError(f"dataset {data.name} has no validation images to score on")
 
 
 @contextlib.contextmanager
@@ -192,6 +205,8 @@ class ProxyTrainer:
     the check costs no second run. Scoring leaves the training state untouched (model,
     optimizer, data order), so a run scored half-way ends exactly as one that was not.
     deadline is a time.monotonic() value; past it the run stops with reason "time limit".
+    What a step reads and minimises are _batch_stream and _loss, so another task changes
+    only those (train_transformer.LMTrainer: text windows, next-character loss).
     """
 
     def __init__(self, norm_act: NormAct, config: ProxyConfig, data: Dataset, *, seed: int,
@@ -206,7 +221,7 @@ class ProxyTrainer:
                                      num_classes=data.num_classes).to(self.device)
         self.optimizer = _make_optimizer(self.model, config)
         self.gen = torch.Generator().manual_seed(data_seed)
-        self._batches = _minibatches(len(data.train_y), config.batch_size, self.gen)
+        self._batches = self._batch_stream()
         self._window: list[float] = []
         self.curve: list[float] = []
         self.steps_done = 0
@@ -222,17 +237,12 @@ class ProxyTrainer:
 
     def train_until(self, step: int) -> None:
         """Train on to `step` (at most config.steps) unless the run already stopped."""
-        cfg, dev = self.config, self.device
+        cfg = self.config
         self.model.train()
         while self.steps_done < min(step, cfg.steps) and self.reason is None:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr_at(self.steps_done, cfg)
-            idx = next(self._batches)
-            x, y = self.data.train_x[idx], self.data.train_y[idx]
-            if cfg.augment:
-                x = random_crop_flip(x, self.gen)
-            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-            loss = F.cross_entropy(self.model(x), y, label_smoothing=cfg.label_smoothing)
+            loss = self._loss(*next(self._batches))
             value = loss.item()
             if not math.isfinite(value):
                 self.diverged, self.reason = True, f"non-finite loss at step {self.steps_done + 1}"
@@ -250,6 +260,18 @@ class ProxyTrainer:
         if self._window and (self.reason is not None or self.steps_done == cfg.steps):
             self.curve.append(sum(self._window) / len(self._window))
             self._window = []
+
+    def _batch_stream(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Endless (x, y) training minibatches on the device, drawn from self.gen."""
+        data, cfg, dev = self.data, self.config, self.device
+        for idx in _minibatches(len(data.train_y), cfg.batch_size, self.gen):
+            x, y = data.train_x[idx], data.train_y[idx]
+            if cfg.augment:
+                x = random_crop_flip(x, self.gen)
+            yield x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+
+    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.model(x), y, label_smoothing=self.config.label_smoothing)
 
     def _log_loss(self, value: float) -> None:
         self._window.append(value)
@@ -293,13 +315,15 @@ def lr_at(step: int, config: ProxyConfig) -> float:
     return 0.5 * config.lr * (1.0 + math.cos(math.pi * progress))
 
 
-def _make_optimizer(model: nn.Module, config: ProxyConfig) -> torch.optim.SGD:
+def _make_optimizer(model: nn.Module, config: ProxyConfig) -> torch.optim.Optimizer:
     decayed = {id(m.weight): m.weight for m in model.modules()
                if isinstance(m, (nn.Conv2d, nn.Linear))}
     rest = [p for p in model.parameters() if id(p) not in decayed]
     groups = [{"params": list(decayed.values()), "weight_decay": config.weight_decay}]
     if rest:
         groups.append({"params": rest, "weight_decay": 0.0})
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95))
     return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
 
 
