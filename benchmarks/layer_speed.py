@@ -8,6 +8,9 @@ round and the median over rounds is reported, so machine noise hits all forms al
 
     python ../shared/data/prepare_cifar10.py /tmp/cifar10
     python benchmarks/layer_speed.py --data-dir /tmp/cifar10 --out benchmarks/results/layer_speed.json
+
+`--device cuda` times the same on a GPU (benchmarks/gpu_check.sh); `--dataset synthetic`
+needs no CIFAR-10 folder (the step time does not depend on the pictures).
 """
 
 from __future__ import annotations
@@ -59,10 +62,18 @@ def make_step(model, lr=0.05):
 
 
 def time_steps(step, batches) -> float:
+    sync(batches)
     start = time.perf_counter()
     for x, y in batches:
         step(x, y)
+    sync(batches)
     return (time.perf_counter() - start) / len(batches)
+
+
+def sync(batches) -> None:
+    # CUDA kernels run asynchronously: wait for them, so the clock measures the work.
+    if batches[0][0].is_cuda:
+        torch.cuda.synchronize()
 
 
 def forms_for(name: str, folder: Path, args) -> dict:
@@ -78,13 +89,13 @@ def forms_for(name: str, folder: Path, args) -> dict:
     steps = {}
     for form, factory in factories.items():
         torch.manual_seed(0)  # same initial conv weights for every form
-        steps[form] = make_step(resnet(factory, width=width, depth=depth))
+        steps[form] = make_step(resnet(factory, width=width, depth=depth).to(args.device))
     if args.compile:
         # Every layer recompiles the same ResNet.forward: without a reset, dynamo's
         # recompile limit (8) silently falls back to eager from the ninth layer on.
         torch._dynamo.reset()
         torch.manual_seed(0)
-        model = resnet(factories["exported"], width=width, depth=depth)
+        model = resnet(factories["exported"], width=width, depth=depth).to(args.device)
         steps["exported+compile"] = make_step(torch.compile(model))
     return steps
 
@@ -117,7 +128,9 @@ def bench_layer(name: str, batches, folder: Path, args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data-dir", required=True)
+    p.add_argument("--data-dir", help="CIFAR-10 folder (with --dataset cifar10)")
+    p.add_argument("--dataset", default="cifar10", choices=("cifar10", "synthetic"))
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--layers", nargs="*", default=None, help="zoo names (default: all)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--steps", type=int, default=5, help="timed steps per form per round")
@@ -130,9 +143,10 @@ def main() -> None:
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    data = load_dataset("cifar10", args.data_dir, download=False)
-    batches = [(data.train_x[i * args.batch:(i + 1) * args.batch],
-                data.train_y[i * args.batch:(i + 1) * args.batch]) for i in range(args.steps)]
+    data = load_dataset(args.dataset, args.data_dir, download=False)
+    batches = [(data.train_x[i * args.batch:(i + 1) * args.batch].to(args.device),
+                data.train_y[i * args.batch:(i + 1) * args.batch].to(args.device))
+               for i in range(args.steps)]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.layers or zoo.names():
@@ -148,6 +162,8 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         meta = {k: v for k, v in vars(args).items() if k != "out"}
         meta["torch"] = torch.__version__
+        if batches[0][0].is_cuda:
+            meta["gpu"] = torch.cuda.get_device_name(batches[0][0].device)
         args.out.write_text(json.dumps({"config": meta, "results": results}, indent=1, default=str))
 
 
