@@ -63,6 +63,25 @@ def test_the_first_command_of_the_readme_with_a_gpu_budget_stops_at_once(tmp_pat
     assert "--gpus-per-eval 0.25" in err
 
 
+@NO_GPU
+def test_a_resume_with_a_gpu_budget_on_a_machine_without_gpu_is_refused(tmp_path):
+    """--resume RUN --budget 1gpu-h of a CPU search: refused before anything is written,
+    where before the new budget replaced the old one and the search ran on uncharged."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    made = subprocess.run([sys.executable, "-m", "evonas", "search", *TINY, "--budget", "1evals",
+                           "--workers", "0", "--out", "run"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr[-2000:]
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()
+              and p.suffix == ".json"}
+    done = subprocess.run([sys.executable, "-m", "evonas", "search", "--resume", "run",
+                           "--budget", "1gpu-h"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.count("\n") == 1 and "gpu-h" in done.stderr, done.stderr
+    assert {p: p.read_bytes() for p in before} == before
+
+
 def test_cpu_and_wall_budgets_still_pass_the_check(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     from evonas.search.config import SearchConfig

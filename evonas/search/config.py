@@ -9,7 +9,6 @@ gradient-norm ascent, reject above 1e8) and are sized for CPU workers elsewhere.
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -114,9 +113,7 @@ class SearchConfig:
         object.__setattr__(self, "space", resolved_space(self.space))
         if self.controller not in CONTROLLERS:
             raise EvonasError(f"--controller {self.controller!r}: use one of {', '.join(CONTROLLERS)}")
-        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
-            raise EvonasError(f"--workers must be a whole number >= 0 (0: in this process), "
-                              f"got {self.workers!r}")
+        checks.whole("--workers", self.workers, minimum=0, hint=" (0: in this process)")
         _check_gpu_share(self.gpus_per_eval)
         # Aging evolution needs two members to choose between (EvolutionConfig).
         checks.whole("--population", self.population_size, minimum=2,
@@ -137,16 +134,10 @@ class SearchConfig:
                               f"proxy's {self.proxy_steps} steps; raise --proxy-steps")
         if not self.archs:
             raise EvonasError("--archs needs at least one proxy architecture")
-        if not (self.cpus_per_eval > 0 and math.isfinite(self.cpus_per_eval)):
-            raise EvonasError(f"--cpus-per-eval must be > 0, got {self.cpus_per_eval}")
-        if not (self.eval_time_limit_s > 0):
-            raise EvonasError(f"--eval-time-limit must be > 0 seconds, got {self.eval_time_limit_s}")
-        if not (self.report_every_s > 0 and math.isfinite(self.report_every_s)):
-            raise EvonasError(f"--report-every must be > 0 seconds, got {self.report_every_s}")
-        if isinstance(self.full_train_top, bool) or not isinstance(self.full_train_top, int) \
-                or self.full_train_top < 0:
-            raise EvonasError(f"--full-train-top must be a whole number >= 0, got "
-                              f"{self.full_train_top!r}")
+        checks.positive("--cpus-per-eval", self.cpus_per_eval)
+        checks.time_limit("--eval-time-limit", self.eval_time_limit_s)
+        checks.positive("--report-every", self.report_every_s, example="300 (seconds)")
+        checks.whole("--full-train-top", self.full_train_top, minimum=0)
         if isinstance(self.search_share, bool) or not isinstance(
                 self.search_share, (int, float)) or not 0 < self.search_share < 1:
             raise EvonasError(f"--search-share must lie strictly between 0 and 1, got "

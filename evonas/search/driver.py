@@ -142,6 +142,8 @@ class Search:
     def resume(cls, out: str | Path, budget: str | None = None, **kw) -> "Search":
         folder = RunFolder.open(out)
         config = SearchConfig.from_dict(folder.read_config())
+        if budget is not None:  # a new budget this machine cannot spend fails before any write
+            config.check_budget(budget)
         space = load_space(config.space)
         loaded = records.read(folder)
         if loaded is None:  # killed between creating the folder and the first save
