@@ -1,6 +1,6 @@
 """The zoo layers written by hand in torch, as an engineer would write them without evonas.
 
-Two forms per layer:
+Two forms per layer (conv layers, HandLayer; sequence layers, SEQUENCE and SEQUENCE_NATIVE):
 - `formula`: the layer's formula in plain torch ops (timm's style for the EvoNorms), the
   yardstick for the exporter: same math, no interpreter, no generated code.
 - `native` (classic layers only): torch's fused module (BatchNorm2d, GroupNorm, ...) with
@@ -9,6 +9,11 @@ Two forms per layer:
 Every form computes what the zoo genome computes: y, then the per-channel affine
 weight * y + bias; apply_act=False is that affine alone (evonas's convention, after the
 EvoNorm ResNets of tensorflow/tpu).
+
+The sequence layers (layernorm, rmsnorm, dyt) act on (..., C) over the last dimension and
+have the zoo genomes' parameters under the same names (weight, bias, DyT's scalar alpha),
+so an exported or interpreted layer's state_dict loads into them. Their native forms are
+nn.LayerNorm and nn.RMSNorm; nn.RMSNorm has no bias, where the zoo's rmsnorm has one.
 """
 
 from __future__ import annotations
@@ -120,3 +125,53 @@ class HandLayer(nn.Module):
 
 
 NATIVE = ("bn_relu", "gn_relu", "in_relu", "ln_relu", "bn_silu")
+
+
+# --- sequence layers (..., C) ------------------------------------------------------------
+
+
+class HandLayerNorm(nn.Module):
+    """(x - mean) / sqrt(var + eps) over the last dimension, then weight * y + bias."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+
+    def forward(self, x):
+        var, mean = torch.var_mean(x, dim=-1, unbiased=False, keepdim=True)
+        return (x - mean) / (var + self.eps).sqrt() * self.weight + self.bias
+
+
+class HandRMSNorm(nn.Module):
+    """LLaMA's RMSNorm, x * rsqrt(mean(x^2) + eps) * weight, plus the zoo's bias."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+
+    def forward(self, x):
+        y = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return y * self.weight + self.bias
+
+
+class HandDyT(nn.Module):
+    """DyT (jiachenzhu/DyT's DynamicTanh): weight * tanh(alpha * x) + bias, alpha a scalar."""
+
+    def __init__(self, num_features: int, alpha_init: float = 0.5):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.tensor(float(alpha_init)))
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+
+    def forward(self, x):
+        return torch.tanh(self.alpha * x) * self.weight + self.bias
+
+
+# norm_layer(num_features) -> module, by zoo name
+SEQUENCE = {"layernorm": HandLayerNorm, "rmsnorm": HandRMSNorm, "dyt": HandDyT}
+SEQUENCE_NATIVE = {"layernorm": lambda c: nn.LayerNorm(c, eps=1e-5),
+                   "rmsnorm": lambda c: nn.RMSNorm(c, eps=1e-5)}

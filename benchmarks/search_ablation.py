@@ -36,14 +36,21 @@ from pathlib import Path
 CONTROLLERS = ("evolution", "random")
 
 
+# Proxy flags of the CIFAR-10 ablation (BENCHMARKS.md's runs); None: the task's defaults
+# (search/config.py TASK_DEFAULTS), as for --dataset shakespeare.
+PROXY_FLAGS = {"archs": "--archs", "proxy_steps": "--proxy-steps",
+               "quality_steps": "--quality-steps", "quality_threshold": "--quality-threshold",
+               "batch": "--proxy-batch", "width": "--proxy-width",
+               "stability_steps": "--stability-steps"}
+
+
 def search_args(args, controller: str, seed: int, out: Path) -> list[str]:
+    proxy = [x for field, flag in PROXY_FLAGS.items() if getattr(args, field) is not None
+             for x in (flag, str(getattr(args, field)))]
     return [sys.executable, "-m", "evonas", "search", "--space", args.space,
-            "--budget", args.budget, "--dataset", "cifar10", "--data-dir", args.data_dir,
+            "--budget", args.budget, "--dataset", args.dataset, "--data-dir", args.data_dir,
             "--out", str(out), "--workers", "0", "--controller", controller,
-            "--seed", str(seed), "--archs", args.archs, "--proxy-steps", str(args.proxy_steps),
-            "--quality-steps", str(args.quality_steps),
-            "--quality-threshold", str(args.quality_threshold), "--proxy-batch", str(args.batch),
-            "--proxy-width", str(args.width), "--stability-steps", str(args.stability_steps),
+            "--seed", str(seed), *proxy,
             "--population", str(args.population), "--tournament", str(args.tournament),
             "--random-fraction", str(args.random_fraction)]
 
@@ -80,7 +87,8 @@ def _load(run: Path) -> dict:
 
 def _curve(state: dict) -> tuple[list[float], list[float]]:
     """Best-so-far mean proxy fitness after each evaluation, and device-seconds spent."""
-    best, spent, out_best, out_spent = 0.0, 0.0, [], []
+    # -inf until the first survivor: an LM's fitness (-bits per character) is negative.
+    best, spent, out_best, out_spent = -float("inf"), 0.0, [], []
     for cid in sorted(state["evaluations"]):
         ev = state["evaluations"][cid]
         spent += sum(ev["stage_seconds"].values())
@@ -248,6 +256,9 @@ def main() -> None:
     p.add_argument("--budget", default="0.2cpu-h")
     p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     p.add_argument("--parallel", type=int, default=2)
+    p.add_argument("--dataset", default="cifar10")
+    # The CIFAR-10 ablation's proxy; --task-defaults leaves every proxy flag to the task.
+    p.add_argument("--task-defaults", action="store_true")
     p.add_argument("--archs", default="resnet,mobilenetv2")
     p.add_argument("--proxy-steps", type=int, default=100)
     p.add_argument("--quality-steps", type=int, default=50)
@@ -263,6 +274,9 @@ def main() -> None:
     p.add_argument("--compare-batches", type=int, nargs="*", default=[128, 8])
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
+    if args.task_defaults:
+        for field in PROXY_FLAGS:
+            setattr(args, field, None)
     {"search": phase_search, "analyse": phase_analyse, "compare": phase_compare}[args.phase](args)
 
 

@@ -89,8 +89,29 @@ def test_leaderboard_takes_each_seeds_best_trial_by_validation_and_scores_it_on_
     assert (b["layer"], b["n"], b["mean"], b["std"]) == ("b", 1, 0.20, 0.0)
     assert b["trials"] == {"completed": 1, "failed": 1}
     corr = proxy_correlation(rows, {"a": 0.9, "b": 0.1})
-    assert corr["overall"] == {"tau": 1.0, "n": 2, "layers": ["a", "b"]}
-    assert proxy_correlation(rows, {"a": 0.9, "b": None})["overall"]["n"] == 1
+    assert corr["overall"] == {"tau": 1.0, "n": 2, "layers": ["a", "b"], "rejected": []}
+    # A layer the proxy rejected counts, ranked below every kept one: rejecting the
+    # better layer a is a discordant pair, not a layer left out of the correlation.
+    rejected_b = proxy_correlation(rows, {"a": 0.9, "b": None})["overall"]
+    assert (rejected_b["tau"], rejected_b["n"], rejected_b["rejected"]) == (1.0, 2, ["b"])
+    rejected_a = proxy_correlation(rows, {"a": None, "b": 0.1})["overall"]
+    assert (rejected_a["tau"], rejected_a["rejected"]) == (-1.0, ["a"])
+    # A layer whose proxy run failed says nothing of the proxy: left out.
+    assert proxy_correlation(rows, {"a": 0.9, "b": None}, unscored=["b"])["overall"]["n"] == 1
+
+
+def test_a_stage_begun_before_optimizers_were_a_setting_keeps_its_experiment_name():
+    """The Tune experiment's name is a hash of the plan; a stage of one SGD optimizer names
+    its experiment as evonas did before `optimizers` existed, so its resume finds it."""
+    from evonas.fulltrain.stage import Layer, experiment_name
+    from evonas.layers import zoo
+
+    layers = [Layer("bn_relu", "zoo:bn_relu", zoo.get("bn_relu").to_dict(), "bn_relu")]
+    config = FullTrainConfig(top=0, baselines=("bn_relu",), dataset="synthetic")
+    assert experiment_name(layers, config, 8) == "fulltrain-68390b1f48"
+    two = FullTrainConfig(top=0, baselines=("bn_relu",), dataset="synthetic",
+                          optimizers=("sgd", "adamw"))
+    assert experiment_name(layers, two, 8) != experiment_name(layers, config, 8)
 
 
 def test_config_checks_and_seed_lists():
@@ -263,10 +284,12 @@ def test_stage_trains_tunes_ranks_and_logs_to_mlflow(run_copy):
     assert {(r["layer"], r["batch_size"]) for r in board} == {
         (cand, 16), (cand, 8), ("bn_relu", 16), ("bn_relu", 8)}
     for row in board:
-        assert set(row) == {"layer", "arch", "batch_size", "mean", "std", "n"}
+        assert set(row) == {"layer", "arch", "batch_size", "optimizer", "mean", "std", "n",
+                            "bpc"}
+        assert row["optimizer"] == "sgd" and row["bpc"] is None  # SGD alone, no LM
         assert 1 <= row["n"] <= 2 and 0 <= row["mean"] <= 1 and row["std"] >= 0
     assert (run_copy / "fulltrain" / "leaderboard.csv").read_text().startswith(
-        "layer,arch,batch_size,mean,std,n")
+        "layer,arch,batch_size,optimizer,mean,std,n,bpc")
     tau = summary["kendall_tau"]["overall"]
     assert tau["n"] == 2 and tau["tau"] in (-1.0, 1.0)  # the baseline got its proxy run
     assert summary["layers"][1]["proxy_fitness"] is not None

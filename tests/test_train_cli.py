@@ -11,7 +11,8 @@ from evonas.cli.train import config_from_args
 from evonas.fulltrain.config import FullTrainConfig
 
 # What a search's run folder gives full training where no flag says otherwise.
-RUN = SimpleNamespace(config=SimpleNamespace(dataset="synthetic", data_dir=None))
+RUN = SimpleNamespace(config=SimpleNamespace(dataset="synthetic", data_dir=None,
+                                            archs=("resnet",)))
 
 
 @pytest.fixture(autouse=True)
@@ -47,7 +48,10 @@ def test_help_shows_the_dataclass_defaults(capsys):
         parse("--help")
     text = " ".join(capsys.readouterr().out.split())
     d = FullTrainConfig()
-    for shown in (f"({d.top})", f"({d.epochs})", f"({','.join(d.archs)})",
-                  f"({','.join(map(str, d.batch_sizes))})", f"({d.trials_per_layer})",
-                  f"({d.max_retries})", f"({d.gpus_per_trial})"):
+    for shown in (f"({d.top})", f"({d.epochs}", f"({','.join(d.archs)}",
+                  f"({','.join(map(str, d.batch_sizes))}", f"({d.trials_per_layer})",
+                  f"({d.max_retries})", f"({d.gpus_per_trial})", f"({','.join(d.optimizers)}",
+                  # and, where they differ, the defaults after a search of sequence layers
+                  "after a sequence search lm_full for lm, vit_full for vit",
+                  "after a sequence search adamw,sgd for lm"):
         assert shown in text, shown

@@ -141,7 +141,12 @@ def _show_candidate(path: str, cid: str) -> None:
         print(f" (equivalent to {ev.duplicate_of})", end="")
     print()
     if ev.fitness:
-        print("proxy accuracy: " + ", ".join(f"{a} {v:.4f}" for a, v in ev.fitness.items()))
+        from evonas.proxy.models import TEXT_ARCHS
+
+        # An LM's fitness is -bits per character (train_transformer.lm_fitness).
+        print("proxy fitness: " + ", ".join(
+            f"{a} {v:.4f} ({-v:.4f} bits per character)" if a in TEXT_ARCHS
+            else f"{a} {v:.4f} (accuracy)" for a, v in ev.fitness.items()))
     cost = ", ".join(f"{stage} {sec:.1f}s" for stage, sec in ev.stage_seconds.items())
     print(f"cost: {cost}")
     lineage = []

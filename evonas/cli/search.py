@@ -19,9 +19,12 @@ def _archs(text: str) -> tuple[str, ...]:
 
 def _size_help(name: str) -> str:
     # Read off the config (a light import), so the help cannot drift from the defaults.
-    from evonas.search.config import size_default
+    from evonas.search.config import TASK_DEFAULTS, size_default
 
-    return f"default {size_default(name)}; {size_default(name, 'synthetic')} on synthetic"
+    tasks = ", ".join(f"{size_default(name, dataset, family)} "
+                      f"{'on' if family == 'conv' else f'for {family} on'} {dataset}"
+                      for family, dataset in TASK_DEFAULTS)
+    return f"default {size_default(name)}; {tasks}".replace("%", "%%")
 
 
 def _default(name: str) -> str:
@@ -42,16 +45,16 @@ def _default(name: str) -> str:
 FIELDS = {"space": "space", "dataset": "dataset", "data_dir": "data_dir", "seed": "seed",
           "controller": "controller", "seed_zoo": "seed_zoo", "population": "population_size",
           "tournament": "tournament_size", "random_fraction": "random_fraction",
-          "archs": "archs", "proxy_lr": "proxy_lr", "workers": "workers",
+          "archs": "archs", "workers": "workers",
           "cpus_per_eval": "cpus_per_eval", "gpus_per_eval": "gpus_per_eval",
           "eval_time_limit": "eval_time_limit_s", "ray_address": "ray_address",
           "tracking_uri": "tracking_uri", "report_every": "report_every_s",
           "full_train_top": "full_train_top", "search_share": "search_share"}
-STAGE_FIELDS = {"quality_threshold": "quality_threshold",
-                "stability_threshold": "stability_threshold"}
+STAGE_FIELDS = {"stability_threshold": "stability_threshold"}
+# Flags whose default depends on the task (config.TASK_DEFAULTS: dataset and proxy family).
 SIZES = {"proxy_steps": "proxy_steps", "proxy_batch": "proxy_batch_size",
-         "proxy_width": "proxy_width", "quality_steps": "quality_steps",
-         "stability_steps": "stability_steps"}
+         "proxy_width": "proxy_width", "proxy_lr": "proxy_lr", "quality_steps": "quality_steps",
+         "quality_threshold": "quality_threshold", "stability_steps": "stability_steps"}
 # Flags whose default comes from the environment when not given.
 ENVIRONMENT = {"data_dir": "EVONAS_DATA_DIR", "ray_address": "RAY_ADDRESS"}
 
@@ -62,8 +65,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                        "--budget and --out; --resume RUN continues one (with --budget only).")
     p.add_argument("--space", help=f"search space name or JSON file ({_default('space')})")
     p.add_argument("--budget", help="200gpu-h, 2cpu-h, 45m, 1.5h or 500evals")
-    p.add_argument("--dataset", help=f"cifar10 or synthetic ({_default('dataset')})")
-    p.add_argument("--data-dir", help="CIFAR-10 folder (default: $EVONAS_DATA_DIR)")
+    p.add_argument("--dataset", help=f"cifar10 or synthetic (images), shakespeare or "
+                   f"synthetic_text (text, for the LM proxy); {_default('dataset')}")
+    p.add_argument("--data-dir", help="CIFAR-10 or tiny Shakespeare folder "
+                   "(default: $EVONAS_DATA_DIR)")
     p.add_argument("--out", help="run folder to create")
     p.add_argument("--resume", metavar="RUN", help="continue the search in this run folder")
     p.add_argument("--seed", type=int, help=_default("seed"))
@@ -79,15 +84,22 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    f"(0: every proposal mutates a tournament winner, as in the paper); "
                    f"{_default('random_fraction')}")
     p.add_argument("--archs", type=_archs,
-                   help=f"proxy architectures, comma-separated (one objective each); "
-                   f"{_default('archs')}")
-    # Sizes default per dataset (config.proxy_sizes): smaller on the synthetic set.
+                   help="proxy architectures, comma-separated (one objective each); default: "
+                   "the space's, the three proxy CNNs for an nchw space, lm for a causal "
+                   "sequence space, vit for a bidirectional one")
+    # Sizes default per task (config.proxy_sizes): smaller on the synthetic sets.
     p.add_argument("--proxy-steps", type=int, help=_size_help("proxy_steps"))
     p.add_argument("--proxy-batch", type=int, help=_size_help("proxy_batch_size"))
     p.add_argument("--proxy-width", type=int, help=_size_help("proxy_width"))
-    p.add_argument("--proxy-lr", type=float, help=_default("proxy_lr"))
+    p.add_argument("--proxy-lr", type=float, help=_size_help("proxy_lr"))
+    p.add_argument("--proxy-config", metavar="FILE", help="proxy settings chosen by `evonas "
+                   "calibrate` (its proxy_config.json) in place of the task's defaults; "
+                   "a proxy flag given wins over it; its architectures unless --archs names "
+                   "the same")
     p.add_argument("--quality-steps", type=int, help=_size_help("quality_steps"))
-    p.add_argument("--quality-threshold", type=float, help=_default("quality_threshold"))
+    p.add_argument("--quality-threshold", type=float,
+                   help="reject below this validation accuracy, or above this many bits per "
+                   "character for an LM; " + _size_help("quality_threshold"))
     p.add_argument("--stability-steps", type=int, help=_size_help("stability_steps"))
     p.add_argument("--stability-threshold", type=float, help=_default("stability_threshold"))
     p.add_argument("--workers", type=int,
@@ -127,7 +139,9 @@ def _given(args, names) -> dict:
 
 
 def _config(args):
-    from evonas.search.config import SearchConfig, StageConfig, proxy_sizes
+    from evonas.layers.space import load_space
+    from evonas.search.config import (SearchConfig, StageConfig, default_archs, proxy_sizes,
+                                      read_proxy_config)
 
     if args.budget is None or args.out is None:
         raise EvonasError("a new search needs --budget and --out (or --resume RUN)")
@@ -138,7 +152,15 @@ def _config(args):
     if fields.get("data_dir"):
         fields["data_dir"] = os.path.abspath(fields["data_dir"])
     dataset = fields.get("dataset", SearchConfig.dataset)
-    sizes, stage_sizes = proxy_sizes(dataset, {SIZES[f]: getattr(args, f) for f in SIZES})
+    calibrated = None
+    if args.proxy_config is not None:
+        calibrated, fields["archs"] = read_proxy_config(args.proxy_config, dataset,
+                                                        fields.get("archs"))
+        fields["proxy_config"] = os.path.abspath(args.proxy_config)
+    archs = fields.get("archs") or default_archs(load_space(fields.get("space",
+                                                                       SearchConfig.space)))
+    sizes, stage_sizes = proxy_sizes(dataset, {SIZES[f]: getattr(args, f) for f in SIZES},
+                                     archs, calibrated)
     stages = StageConfig(**_given(args, STAGE_FIELDS), **stage_sizes)
     return SearchConfig(budget=args.budget, **fields, **sizes, full_train=_full_train(args),
                         stages=stages)
@@ -158,7 +180,8 @@ def run_search(args) -> int:
     from evonas.search.driver import Search
 
     if args.resume:
-        given = [f for f in ("out", *FIELDS, *STAGE_FIELDS, *SIZES, "full_train_config")
+        given = [f for f in ("out", *FIELDS, *STAGE_FIELDS, *SIZES, "full_train_config",
+                             "proxy_config")
                  if getattr(args, f) is not None]
         if given:
             raise EvonasError(f"--resume continues with the run's own settings; drop "
@@ -168,8 +191,10 @@ def run_search(args) -> int:
         config = _config(args)
         if config.full_train_top:  # its settings fail now, not after the search
             from evonas.fulltrain import for_search
+            from evonas.fulltrain.stage import check_task_fits
 
-            for_search(config, args.budget)
+            config.validate_parts()  # the search's own task first, then full training's
+            check_task_fits(config.space, for_search(config, args.budget))
         search = Search.create(args.out, config)
     try:
         state = search.run()
@@ -203,10 +228,12 @@ def run_top(args) -> int:
     archs = list(run.config.archs)
     counts = run.counts()
     stages = {k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith("rejected:")}
-    print(f"{args.run_dir}: {sum(counts.values())} evaluated; " +
-          ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if k not in
-                    {f"rejected:{s}" for s in stages}) +
-          ("; rejected at " + ", ".join(f"{k} {v}" for k, v in stages.items()) if stages else ""))
+    parts = [", ".join(f"{k} {v}" for k, v in sorted(counts.items())
+                       if k not in {f"rejected:{s}" for s in stages})]
+    if stages:
+        parts.append("rejected at " + ", ".join(f"{k} {v}" for k, v in stages.items()))
+    print(f"{args.run_dir}: {sum(counts.values())} evaluated; "
+          + "; ".join(p for p in parts if p))
     print(f"{'rank':>4}  {'id':<8} {'mean':>6}  " + "  ".join(f"{a[:12]:>12}" for a in archs)
           + "  formula")
     for rank, (cand, ev) in enumerate(run.leaderboard(args.n), 1):

@@ -18,15 +18,32 @@ from evonas.fulltrain.config import FullTrainConfig
 # Flags whose value, when given, is the FullTrainConfig field of the same name; a flag
 # not given leaves the field's default, written once, in the dataclass.
 _FIELDS = ("top", "baselines", "archs", "batch_sizes", "trials_per_layer", "epochs", "steps",
-           "reports", "width", "groups", "lr_range", "wd_range", "device", "bf16",
+           "reports", "width", "groups", "lr_range", "wd_range", "optimizers", "device", "bf16",
            "channels_last", "cpus_per_trial", "gpus_per_trial", "workers", "max_retries",
            "budget", "ray_address", "storage", "tracking_uri")
 
 
 def _default(name: str) -> str:
-    """A FullTrainConfig default as a flag would spell it: 128,8 for a tuple."""
+    """A FullTrainConfig default as a flag would spell it (128,8 for a tuple), and its
+    default after a search of sequence layers where that differs."""
+    from evonas.fulltrain.config import SEQUENCE_DEFAULTS
+
     value = {f.name: f.default for f in dataclasses.fields(FullTrainConfig)}[name]
+    text = _spelt(value)
+    other = [f"{_spelt(d[name])} for {family}" for family, d in SEQUENCE_DEFAULTS.items()
+             if name in d]
+    return text + (f"; after a sequence search {', '.join(other)}" if other else "")
+
+
+def _spelt(value) -> str:
     return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def _range_help(name: str) -> str:
+    from evonas.fulltrain.config import OPTIMIZERS
+
+    return "default: the optimizer's, " + "; ".join(
+        f"{_spelt(r[name])} for {opt}" for opt, r in OPTIMIZERS.items())
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -81,12 +98,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                       help=f"channels of the first stage ({_default('width')})")
     what.add_argument("--groups", type=int, help="groups of grouped statistics (the space's)")
     what.add_argument("--lr-range", type=_range, help=f"learning-rate range at batch 128, "
-                      f"log scale ({_default('lr_range')})")
+                      f"log scale ({_range_help('lr_range')})")
     what.add_argument("--wd-range", type=_range,
-                      help=f"weight-decay range, log scale ({_default('wd_range')})")
-    what.add_argument("--dataset", help="cifar10 or synthetic (default: the search's)")
-    what.add_argument("--data-dir", help="CIFAR-10 folder (default: the search's, "
-                      "$EVONAS_DATA_DIR)")
+                      help=f"weight-decay range, log scale ({_range_help('wd_range')})")
+    what.add_argument("--optimizers", type=_names,
+                      help=f"sgd (momentum 0.9) and/or adamw, comma-separated: each tuned "
+                      f"alike and reported apart ({_default('optimizers')})")
+    what.add_argument("--dataset", help="cifar10, synthetic, shakespeare or synthetic_text "
+                      "(default: the search's)")
+    what.add_argument("--data-dir", help="CIFAR-10 or tiny Shakespeare folder (default: the "
+                      "search's, $EVONAS_DATA_DIR)")
     how = p.add_argument_group("where and how")
     how.add_argument("--device", help=f"auto, cpu, cuda or cuda:N ({_default('device')})")
     how.add_argument("--bf16", action="store_true", default=None, help="bfloat16 autocast")
@@ -109,9 +130,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def config_from_args(args, run) -> FullTrainConfig:
-    """The FullTrainConfig the flags ask for, over the dataclass defaults; the search's
-    dataset and data folder where none is given."""
-    from evonas.fulltrain.config import parse_seeds
+    """The FullTrainConfig the flags ask for, over the defaults for the search's layers
+    (config.search_defaults, then the dataclass's); the search's dataset and data folder
+    where none is given."""
+    from evonas.fulltrain.config import over, parse_seeds, search_defaults
 
     given = {name: getattr(args, name) for name in _FIELDS if getattr(args, name) is not None}
     if args.seeds is not None:
@@ -119,7 +141,8 @@ def config_from_args(args, run) -> FullTrainConfig:
     if args.steps is not None:
         given["epochs"] = None  # the length is given in steps
     data_dir = args.data_dir or run.config.data_dir or os.environ.get("EVONAS_DATA_DIR")
-    return FullTrainConfig(**given, dataset=args.dataset or run.config.dataset,
+    return FullTrainConfig(**over(search_defaults(run.config), given),
+                           dataset=args.dataset or run.config.dataset,
                            data_dir=os.path.abspath(data_dir) if data_dir else None)
 
 

@@ -9,8 +9,14 @@ registry (torch), which the CLI does inside its handler.
 
 What one stage trains: the top `top` survivors of the search plus the zoo `baselines`,
 each on every architecture in `archs`, at every batch size in `batch_sizes`, for every
-seed in `seeds`; each such group gets `trials_per_layer` Optuna (TPE) trials over the
-learning rate and weight decay, so every layer gets the same tuning effort.
+seed in `seeds`, with every optimizer in `optimizers`; each such group gets
+`trials_per_layer` Optuna (TPE) trials over the learning rate and weight decay, so every
+layer gets the same tuning effort under each optimizer.
+
+A search over sequence (N, T, C) layers takes other defaults (SEQUENCE_DEFAULTS, through
+search_defaults): the transformer baselines, the full-size LM or ViT, and two optimizers,
+AdamW and SGD with momentum, reported side by side, so that a layer that trains well only
+under one of them is seen to.
 """
 
 from __future__ import annotations
@@ -25,6 +31,30 @@ from evonas.runtime import checks
 DEFAULT_BASELINES = ("bn_relu", "gn_relu", "evonorm_b0", "evonorm_s0")
 DEFAULT_ARCHS = ("resnet20", "mobilenetv2_full")
 DEFAULT_BATCH_SIZES = (128, 8)
+# Each optimizer's search ranges (at batch LR_REFERENCE_BATCH, log scale) and the point
+# every group's study starts from: the standard recipe the baselines are usually given
+# (SGD: the CIFAR ResNet recipe; AdamW: GPT-style decay 0.1 at lr 2e-3 for batch 128,
+# i.e. 1e-3 at the ViT's batch 64 and 5e-4 at the LM's batch 32, the usual settings of
+# small ViTs and character GPTs).
+OPTIMIZERS: dict[str, dict[str, Any]] = {
+    "sgd": {"lr_range": (0.01, 1.0), "wd_range": (1e-5, 1e-3),
+            "start": {"lr": 0.1, "weight_decay": 5e-4}},
+    "adamw": {"lr_range": (2e-4, 2e-2), "wd_range": (1e-3, 0.3),
+              "start": {"lr": 2e-3, "weight_decay": 0.1}},
+}
+# Defaults of a stage on a search over sequence layers, by the proxy family the search
+# used (search.config.proxy_family); flags and --full-train-config override them. The
+# LM: the 6-block, 256-context lm_full at width 256, batch 32 (its layers see no batch
+# statistics: a causal space has none), 5,000 steps; the ViT: vit_full at width 192, at
+# batch 128 and 8 as the CNNs (a bidirectional space has batch statistics).
+SEQUENCE_BASELINES = ("layernorm", "rmsnorm", "dyt")
+SEQUENCE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "lm": {"baselines": SEQUENCE_BASELINES, "archs": ("lm_full",), "width": 256,
+           "batch_sizes": (32,), "epochs": None, "steps": 5000,
+           "optimizers": ("adamw", "sgd")},
+    "vit": {"baselines": SEQUENCE_BASELINES, "archs": ("vit_full",), "width": 192,
+            "optimizers": ("adamw", "sgd")},
+}
 # The tuned learning rate is the one at this batch size; a trial at batch size b uses
 # lr * b / LR_REFERENCE_BATCH (the linear scaling rule), so one search range suits the
 # batch-128 and the batch-8 runs alike.
@@ -45,8 +75,12 @@ class FullTrainConfig:
     them); the trial reports validation accuracy and loss once per epoch, or `reports`
     times over `steps`. ASHA compares trials at those reports.
     lr_range is searched on a log scale at batch size 128 and scaled linearly with the
-    batch size; wd_range on a log scale. The first trial of every group is the standard
-    recipe (lr 0.1, weight decay 5e-4) when it lies in the ranges.
+    batch size; wd_range on a log scale. None: each optimizer's own (OPTIMIZERS); given,
+    they are the ranges of the one optimizer of the stage. The first trial of every group
+    is the optimizer's standard recipe (SGD: lr 0.1, weight decay 5e-4) when it lies in
+    the ranges.
+    optimizers: "sgd" (momentum `momentum`) and/or "adamw"; each is a setting of its own,
+    tuned alike and reported in its own leaderboard rows.
     groups: group count of grouped statistics for every layer (None: the search space's).
     device: "auto" (CUDA when the trial holds GPUs, else CPU), "cpu", "cuda" or "cuda:N".
     bf16: bfloat16 autocast for forward passes; channels_last: NHWC memory format.
@@ -64,8 +98,9 @@ class FullTrainConfig:
     reports: int = 10
     width: int = 16
     groups: int | None = None
-    lr_range: tuple[float, float] = (0.01, 1.0)
-    wd_range: tuple[float, float] = (1e-5, 1e-3)
+    lr_range: tuple[float, float] | None = None
+    wd_range: tuple[float, float] | None = None
+    optimizers: tuple[str, ...] = ("sgd",)
     momentum: float = 0.9
     warmup_fraction: float = 0.05
     asha_grace: int | None = None
@@ -86,8 +121,10 @@ class FullTrainConfig:
     tracking_uri: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("baselines", "archs", "batch_sizes", "seeds", "lr_range", "wd_range"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
+        for name in ("baselines", "archs", "batch_sizes", "seeds", "lr_range", "wd_range",
+                     "optimizers"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         self._check_plan()
         self._check_length()
         self._check_hyperparameters()
@@ -111,8 +148,13 @@ class FullTrainConfig:
             raise EvonasError("--seeds needs at least one seed, e.g. 2 (seeds 0 and 1)")
         for s in self.seeds:
             checks.whole("--seeds: a seed", s, minimum=0)
+        if not self.optimizers:
+            raise EvonasError("--optimizers needs at least one optimizer, e.g. sgd")
+        for name in self.optimizers:
+            checks.known("--optimizers", name, OPTIMIZERS, "optimizer")
         for flag, values in (("--archs", self.archs), ("--batch-sizes", self.batch_sizes),
-                             ("--seeds", self.seeds), ("--baselines", self.baselines)):
+                             ("--seeds", self.seeds), ("--baselines", self.baselines),
+                             ("--optimizers", self.optimizers)):
             if len(set(values)) != len(values):
                 raise EvonasError(f"{flag} lists a value twice: {','.join(map(str, values))}")
         checks.whole("--trials-per-layer", self.trials_per_layer, minimum=1)
@@ -136,7 +178,14 @@ class FullTrainConfig:
         checks.whole("ASHA reduction factor", self.asha_reduction, minimum=2)
 
     def _check_hyperparameters(self) -> None:
-        for flag, (low, high) in (("--lr-range", self.lr_range), ("--wd-range", self.wd_range)):
+        for flag, pair in (("--lr-range", self.lr_range), ("--wd-range", self.wd_range)):
+            if pair is None:
+                continue
+            if len(self.optimizers) > 1:
+                raise EvonasError(f"{flag} sets the range of one optimizer; with --optimizers "
+                                  f"{','.join(self.optimizers)} each takes its own: drop {flag} "
+                                  f"or give one optimizer")
+            low, high = pair if len(pair) == 2 else (None, None)
             if not (checks.real(low) and checks.real(high) and 0 < low < high):
                 raise EvonasError(f"{flag} must be two numbers 0 < low < high, got "
                                   f"{low!r},{high!r}")
@@ -178,6 +227,12 @@ class FullTrainConfig:
                                remote=self.ray_address)
 
     # --- derived values ---------------------------------------------------------------
+
+    def ranges(self, optimizer: str) -> tuple[tuple[float, float], tuple[float, float], dict]:
+        """(lr range, weight-decay range, first point) of the groups of an optimizer."""
+        recipe = OPTIMIZERS[optimizer]
+        return (self.lr_range or recipe["lr_range"], self.wd_range or recipe["wd_range"],
+                dict(recipe["start"]))
 
     @property
     def num_reports(self) -> int:
@@ -237,7 +292,26 @@ def for_search(search_config: Any, budget: str | None = None, **overrides: Any) 
         raise EvonasError(f"--full-train-config sets {fixed[0]!r}, which the search decides "
                           f"(--full-train-top, --budget, --dataset, --data-dir); drop it "
                           f"from the file")
-    return FullTrainConfig.from_dict({**settings, **chosen, **overrides})
+    return FullTrainConfig.from_dict(over(search_defaults(c),
+                                          {**settings, **chosen, **overrides}))
+
+
+def search_defaults(search_config: Any) -> dict[str, Any]:
+    """The settings whose defaults follow the search's layers: SEQUENCE_DEFAULTS for a
+    search of transformer proxies, none (the dataclass's) for one of CNNs."""
+    from evonas.search.config import proxy_family
+
+    return dict(SEQUENCE_DEFAULTS.get(proxy_family(search_config.archs), {}))
+
+
+def over(defaults: Mapping[str, Any], chosen: Mapping[str, Any]) -> dict[str, Any]:
+    """Chosen settings over defaults, the training length as one setting: a length
+    chosen in epochs drops a default one in steps, and the other way round."""
+    merged = {**defaults, **chosen}
+    for given, other in (("epochs", "steps"), ("steps", "epochs")):
+        if chosen.get(given) is not None and other not in chosen:
+            merged[other] = None
+    return merged
 
 
 # What `evonas search --full-train-top` takes from the search itself, never from the file.
@@ -253,7 +327,8 @@ def load_overrides(path: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise EvonasError(f"{path}: expected a JSON object of full-training settings, e.g. "
                           f'{{"archs": ["resnet20"], "epochs": 10}}')
-    for key in ("baselines", "archs", "batch_sizes", "seeds", "lr_range", "wd_range"):
+    for key in ("baselines", "archs", "batch_sizes", "seeds", "lr_range", "wd_range",
+                "optimizers"):
         if key in data and not isinstance(data[key], list):
             raise EvonasError(f"{path}: {key!r} must be a list, e.g. \"{key}\": [...]")
     return data
@@ -293,5 +368,6 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     return tuple(values)
 
 
-__all__ = ["FullTrainConfig", "for_search", "check_stage_budget", "parse_seeds",
+__all__ = ["FullTrainConfig", "for_search", "search_defaults", "check_stage_budget",
+           "parse_seeds", "OPTIMIZERS", "SEQUENCE_DEFAULTS",
            "LR_REFERENCE_BATCH", "DEFAULT_BASELINES", "DEFAULT_ARCHS", "DEFAULT_BATCH_SIZES"]

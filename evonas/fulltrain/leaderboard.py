@@ -5,7 +5,8 @@ see stage.trial_record), then calls `leaderboard` and `proxy_correlation` here a
 writes `write_files`' output to <run>/fulltrain/. Pure functions of plain data, no
 torch, no Ray, so they are tested against hand-computed values.
 
-The leaderboard's score of a (layer, architecture, batch size) is the test accuracy,
+The leaderboard's score of a (layer, architecture, batch size, optimizer) is the test
+accuracy (for a language model: of the next character; its bits per character beside it),
 averaged over seeds, of each seed's best completed trial, "best" by validation accuracy:
 hyperparameters are chosen on the validation split and judged on the test split, so the
 tuning cannot flatter the score. Trials ASHA stopped early, diverged or failed are not
@@ -20,18 +21,20 @@ import math
 from collections import defaultdict
 from typing import Iterable, Sequence
 
+from evonas.calibrate.agreement import kendall_tau_b, whole_panel_scores
+
 COMPLETED = "completed"
-ROW_FIELDS = ("layer", "arch", "batch_size", "mean", "std", "n")
+ROW_FIELDS = ("layer", "arch", "batch_size", "optimizer", "mean", "std", "n", "bpc")
 
 
 def best_per_seed(records: Iterable[dict]) -> dict[tuple, dict]:
-    """(layer, arch, batch_size, seed) -> the completed trial with the best validation
-    accuracy."""
+    """(layer, arch, batch_size, optimizer, seed) -> the completed trial with the best
+    validation accuracy."""
     best: dict[tuple, dict] = {}
     for r in records:
         if r["status"] != COMPLETED or r.get("test_accuracy") is None:
             continue
-        key = (r["layer"], r["arch"], r["batch_size"], r["seed"])
+        key = (r["layer"], r["arch"], r["batch_size"], r.get("optimizer", "sgd"), r["seed"])
         held = best.get(key)
         if held is None or _better(r, held):
             best[key] = r
@@ -55,27 +58,33 @@ def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
 
 
 def leaderboard(records: Sequence[dict], layers: Sequence[str], archs: Sequence[str],
-                batch_sizes: Sequence[int]) -> list[dict]:
-    """One row per (layer, arch, batch size) of the plan, best mean first within each
-    (arch, batch size); rows without a completed trial keep mean/std None."""
+                batch_sizes: Sequence[int], optimizers: Sequence[str] = ("sgd",)) -> list[dict]:
+    """One row per (layer, arch, batch size, optimizer) of the plan, best mean first
+    within each (arch, batch size, optimizer); rows without a completed trial keep
+    mean/std None."""
     best = best_per_seed(records)
     counts: dict[tuple, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for r in records:
-        counts[(r["layer"], r["arch"], r["batch_size"])][r["status"]] += 1
+        counts[(r["layer"], r["arch"], r["batch_size"], r.get("optimizer", "sgd"))][r["status"]] += 1
     rows = []
     for arch in archs:
         for bs in batch_sizes:
-            block = [_row(layer, arch, bs, best, counts[(layer, arch, bs)]) for layer in layers]
-            block.sort(key=lambda row: (row["mean"] is None, -(row["mean"] or 0.0), row["layer"]))
-            rows.extend(block)
+            for opt in optimizers:
+                block = [_row((layer, arch, bs, opt), best, counts[(layer, arch, bs, opt)])
+                         for layer in layers]
+                block.sort(key=lambda row: (row["mean"] is None, -(row["mean"] or 0.0),
+                                            row["layer"]))
+                rows.extend(block)
     return rows
 
 
-def _row(layer: str, arch: str, bs: int, best: dict, counts: dict[str, int]) -> dict:
-    picks = sorted((k[3], r) for k, r in best.items() if k[:3] == (layer, arch, bs))
+def _row(setting: tuple, best: dict, counts: dict[str, int]) -> dict:
+    layer, arch, bs, opt = setting
+    picks = sorted((k[4], r) for k, r in best.items() if k[:4] == setting)
     mean, std = mean_std([r["test_accuracy"] for _, r in picks])
-    return {"layer": layer, "arch": arch, "batch_size": bs, "mean": mean, "std": std,
-            "n": len(picks),
+    bpcs = [r["test_bpc"] for _, r in picks if r.get("test_bpc") is not None]
+    return {"layer": layer, "arch": arch, "batch_size": bs, "optimizer": opt, "mean": mean,
+            "std": std, "n": len(picks), "bpc": mean_std(bpcs)[0] if bpcs else None,
             "seeds": [{"seed": seed, "test_accuracy": r["test_accuracy"],
                        "val_accuracy": r["val_accuracy"], "lr": r["lr"],
                        "weight_decay": r["weight_decay"], "trial_id": r["trial_id"]}
@@ -86,72 +95,58 @@ def _row(layer: str, arch: str, bs: int, best: dict, counts: dict[str, int]) -> 
 # --- does the proxy predict? -----------------------------------------------------------
 
 
-def kendall_tau_b(x: Sequence[float], y: Sequence[float]) -> float | None:
-    """Kendall's tau-b of two equally long sequences; None when undefined (fewer than
-    two pairs, or one side all ties). O(n^2): the stage ranks tens of layers, not more."""
-    if len(x) != len(y):
-        raise ValueError(f"kendall_tau_b needs sequences of one length, got {len(x)} and {len(y)}")
-    concordant = discordant = ties_x = ties_y = 0
-    n = len(x)
-    for i in range(n):
-        for j in range(i + 1, n):
-            dx, dy = _sign(x[i] - x[j]), _sign(y[i] - y[j])
-            if dx == 0:
-                ties_x += 1
-            if dy == 0:
-                ties_y += 1
-            if dx * dy > 0:
-                concordant += 1
-            elif dx * dy < 0:
-                discordant += 1
-    pairs = n * (n - 1) // 2
-    denominator = math.sqrt((pairs - ties_x) * (pairs - ties_y))
-    if denominator == 0:
-        return None
-    return (concordant - discordant) / denominator
-
-
-def _sign(v: float) -> int:
-    return (v > 0) - (v < 0)
-
-
-def proxy_correlation(rows: Sequence[dict], proxy_fitness: dict[str, float | None]) -> dict:
-    """Kendall tau between the search's proxy fitness and full-training accuracy.
+def proxy_correlation(rows: Sequence[dict], proxy_fitness: dict[str, float | None],
+                      unscored: Iterable[str] = ()) -> dict:
+    """Kendall tau between the proxy fitness and full-training accuracy, over every layer
+    trained.
 
     overall: each layer's accuracy is the mean of its row means over every (arch, batch
-    size) of the plan, for the layers with a mean in all of them (a layer missing a
+    size, optimizer) of the plan, for the layers with a mean in all of them (a layer missing a
     setting would be ranked on easier or harder settings than the others);
-    by_setting: one tau per (arch, batch size). Layers without a proxy fitness (a
-    baseline the search never scored and whose proxy run failed) are left out.
+    by_setting: one tau per (arch, batch size, optimizer). A layer the proxy rejected (fitness None)
+    ranks below every layer it kept, all rejected ones tied (calibrate/agreement.py):
+    leaving them out would flatter a proxy that throws good layers away. Layers in
+    `unscored` (a baseline whose proxy run failed: nothing is known of it) are left out.
     """
-    settings = sorted({(r["arch"], r["batch_size"]) for r in rows})
+    unscored = set(unscored)
+    settings = sorted({_setting(r) for r in rows})
     by_layer: dict[str, dict[tuple, float]] = defaultdict(dict)
     for r in rows:
-        if r["mean"] is not None and proxy_fitness.get(r["layer"]) is not None:
-            by_layer[r["layer"]][(r["arch"], r["batch_size"])] = r["mean"]
+        if r["mean"] is not None and r["layer"] in proxy_fitness and r["layer"] not in unscored:
+            by_layer[r["layer"]][_setting(r)] = r["mean"]
     complete = sorted(layer for layer, got in by_layer.items() if len(got) == len(settings))
     overall = {layer: sum(by_layer[layer].values()) / len(settings) for layer in complete}
     return {
         "overall": _tau_entry(overall, proxy_fitness),
-        "by_setting": [{"arch": arch, "batch_size": bs,
-                        **_tau_entry({layer: got[(arch, bs)] for layer, got in by_layer.items()
-                                      if (arch, bs) in got}, proxy_fitness)}
-                       for arch, bs in settings],
+        "by_setting": [{"arch": arch, "batch_size": bs, "optimizer": opt,
+                        **_tau_entry({layer: got[(arch, bs, opt)]
+                                      for layer, got in by_layer.items()
+                                      if (arch, bs, opt) in got}, proxy_fitness)}
+                       for arch, bs, opt in settings],
     }
+
+
+def _setting(row: dict) -> tuple:
+    """(arch, batch size, optimizer): what a row's layer was trained in."""
+    return row["arch"], row["batch_size"], row.get("optimizer", "sgd")
 
 
 def _tau_entry(accuracy: dict[str, float], proxy: dict[str, float | None]) -> dict:
     layers = sorted(accuracy)
-    tau = kendall_tau_b([proxy[layer] for layer in layers], [accuracy[layer] for layer in layers])
-    return {"tau": tau, "n": len(layers), "layers": layers}
+    scores = whole_panel_scores({layer: proxy[layer] for layer in layers})
+    tau = (kendall_tau_b([scores[layer] for layer in layers], [accuracy[layer] for layer in layers])
+           if len(layers) >= 2 else None)
+    return {"tau": tau, "n": len(layers), "layers": layers,
+            "rejected": sorted(layer for layer in layers if proxy[layer] is None)}
 
 
 # --- files -----------------------------------------------------------------------------
 
 
 def table_rows(rows: Sequence[dict]) -> list[dict]:
-    """The leaderboard as flat rows {layer, arch, batch_size, mean, std, n}."""
-    return [{k: row[k] for k in ROW_FIELDS} for row in rows]
+    """The leaderboard as flat rows {layer, arch, batch_size, optimizer, mean, std, n, bpc}
+    (bpc: a language model's mean test bits per character, else None)."""
+    return [{k: row.get(k) for k in ROW_FIELDS} for row in rows]
 
 
 def to_csv(rows: Sequence[dict]) -> str:
@@ -165,16 +160,20 @@ def to_csv(rows: Sequence[dict]) -> str:
 
 def format_table(rows: Sequence[dict], correlation: dict | None = None) -> str:
     """The leaderboard as the CLI prints it, with the rank correlation under it."""
-    lines = [f"{'arch':<18} {'batch':>5}  {'layer':<14} {'test acc':>17}"]
+    lines = [f"{'arch':<18} {'batch':>5} {'optimizer':<9}  {'layer':<14} {'test acc':>17}"]
     for r in rows:
         score = ("no completed trial" if r["mean"] is None
                  else f"{r['mean']:.4f} ± {r['std']:.4f} ({r['n']})")
-        lines.append(f"{r['arch']:<18} {r['batch_size']:>5}  {r['layer']:<14} {score:>17}")
+        if r.get("bpc") is not None:
+            score += f"  {r['bpc']:.3f} bits per character"
+        lines.append(f"{r['arch']:<18} {r['batch_size']:>5} {r.get('optimizer', 'sgd'):<9}  "
+                     f"{r['layer']:<14} {score:>17}")
     if correlation is not None:
         overall = correlation["overall"]
         tau = "undefined" if overall["tau"] is None else f"{overall['tau']:+.3f}"
+        rejected = len(overall.get("rejected", ()))
         lines.append(f"Kendall tau, proxy fitness vs full-training accuracy: {tau} over "
-                     f"{overall['n']} layers")
+                     f"{overall['n']} layers ({rejected} rejected by the proxy, ranked last)")
     return "\n".join(lines)
 
 

@@ -122,12 +122,19 @@ def _baseline(run: Run, name: str) -> Layer:
 
 def plan_groups(layers: list[Layer], config: FullTrainConfig) -> list[Group]:
     """Seed-major order: if the budget runs out, seed 0 of every setting is furthest."""
-    return [Group(layer.name, arch, bs, seed) for seed in config.seeds for arch in config.archs
-            for bs in config.batch_sizes for layer in layers]
+    return [Group(layer.name, arch, bs, seed, opt) for seed in config.seeds
+            for arch in config.archs for bs in config.batch_sizes
+            for opt in config.optimizers for layer in layers]
 
 
 def experiment_name(layers: list[Layer], config: FullTrainConfig, groups: int) -> str:
-    what = {"plan": config.plan_fields(), "groups": groups,
+    plan = config.plan_fields()
+    if tuple(plan["optimizers"]) == ("sgd",):
+        # Written as before optimizers were a setting, so that a stage begun then resumes
+        # its own experiment: the one optimizer left out, its ranges spelt out.
+        del plan["optimizers"]
+        plan["lr_range"], plan["wd_range"], _ = config.ranges("sgd")
+    what = {"plan": plan, "groups": groups,
             "layers": [[layer.name, layer.genome] for layer in layers]}
     digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:10]
     return f"fulltrain-{digest}"
@@ -355,7 +362,7 @@ class Stage(StageHooks):
         space_groups = self.state["groups"]
         search = GroupedSearch(
             self.groups, cfg.trials_per_layer,
-            make_optuna_factory(cfg.lr_range, cfg.wd_range, cfg.trials_per_layer, cfg.seeds[0]),
+            make_optuna_factory(cfg.ranges, cfg.trials_per_layer, cfg.seeds[0]),
             layer_specs={layer.name: layer.spec(space_groups) for layer in self.layers},
             experiment=self.name, max_concurrent_per_group=max(1, cfg.trials_per_layer // 4))
         storage, name = path.rsplit("/", 1)
@@ -381,7 +388,8 @@ class Stage(StageHooks):
         layers = {layer.name: layer for layer in self.layers}
         out = [trial_record(result, layers, self.state) for result in grid]
         return sorted((r for r in out if r is not None),
-                      key=lambda r: (r["layer"], r["arch"], r["batch_size"], r["seed"],
+                      key=lambda r: (r["layer"], r["arch"], r["batch_size"], r["optimizer"],
+                                     r["seed"],
                                      r["trial_id"]))
 
 
@@ -425,11 +433,13 @@ def trial_record(result, layers: dict[str, Layer], state: dict) -> dict | None:
     layer = layers[cfg["layer"]]
     return {"trial_id": trial_id, "layer": layer.name, "candidate_id": layer.candidate_id,
             "arch": cfg["arch"], "batch_size": cfg["batch_size"], "seed": cfg["seed"],
+            "optimizer": cfg.get("optimizer", "sgd"),
             "lr": cfg["lr"], "lr_effective": cfg["lr"] * cfg["batch_size"] / LR_REFERENCE_BATCH,
             "weight_decay": cfg["weight_decay"], "status": status, "reason": why,
             "attempts": 1 + state.get("retries", {}).get(trial_id, 0),
             "steps_done": metrics.get("step", 0), "val_accuracy": metrics.get("val_accuracy"),
             "test_accuracy": metrics.get("test_accuracy") if status == "completed" else None,
+            "test_bpc": metrics.get("test_bpc") if status == "completed" else None,
             "seconds": metrics.get("time_total_s"), "curve": curve, "path": str(result.path),
             "settings": _trial_settings(cfg.get("settings", {}))}
 
@@ -507,6 +517,7 @@ def run_full_training(run_path: str, config: FullTrainConfig, ledger: Ledger | N
     progress = progress or _stderr
     run_path = Path(run_path)
     run = load_run(run_path)
+    check_task_fits(run.config.space, config)
     _check_batch_sizes(config)
     layers = plan_layers(run, config)
     groups = plan_groups(layers, config)
@@ -537,7 +548,30 @@ def run_full_training(run_path: str, config: FullTrainConfig, ledger: Ledger | N
             folder.release()
 
 
+def check_task_fits(space_name: str, config: FullTrainConfig) -> None:
+    """The architectures take the layers of the search's space and read the dataset, and
+    the baselines are layers of its layout: a conv layer in a transformer (or the other
+    way round) fails here, in one line, before anything is written."""
+    from evonas.layers import zoo
+    from evonas.layers.space import load_space
+    from evonas.search.config import check_task
+
+    space = load_space(space_name)
+    check_task(space, config.archs, config.dataset, search=False)
+    for name in config.baselines:
+        layout = zoo.get(name).layout
+        if layout != space.layout:
+            fit = ", ".join(zoo.names(space.layout))
+            raise EvonasError(f"--baselines {name} is a layer for {layout} activations, but "
+                              f"the search's layers (space {space.name}) are {space.layout}: "
+                              f"use {space.layout} layers ({fit})")
+
+
 def _check_batch_sizes(config: FullTrainConfig) -> None:
+    from evonas.proxy.text import TEXT_DATASETS
+
+    if config.dataset in TEXT_DATASETS:
+        return  # windows are drawn at random offsets: any batch size has enough of them
     n = train_size(config.dataset)
     too_big = [b for b in config.batch_sizes if b > n]
     if too_big:
@@ -587,7 +621,7 @@ def _run_locked(run, config, layers, groups, name, folder, ledger, gated, saved,
 def _summarize(stage: Stage, records: list[dict]) -> dict:
     cfg = stage.config
     names = [layer.name for layer in stage.layers]
-    rows = leaderboard(records, names, cfg.archs, cfg.batch_sizes)
+    rows = leaderboard(records, names, cfg.archs, cfg.batch_sizes, cfg.optimizers)
     fitness = stage.proxy_fitness()
     counts = Counter(r["status"] for r in records)
     return {
@@ -599,7 +633,8 @@ def _summarize(stage: Stage, records: list[dict]) -> dict:
                    "stopped_by_budget": len(stage.state.get("budget_stopped", ()))},
         "trials_per_layer": dict(Counter(r["layer"] for r in records)),
         "leaderboard": rows,
-        "kendall_tau": proxy_correlation(rows, fitness),
+        "kendall_tau": proxy_correlation(rows, fitness, unscored=[
+            name for name, got in stage.state.get("proxy", {}).items() if got["status"] == "failed"]),
         "budget": {"gated": stage.gated, **stage.ledger.summary(),
                    "text": _budget_text(stage)},
     }
@@ -637,5 +672,5 @@ def _log_mlflow(run: Run, config: FullTrainConfig, records: list[dict], summary:
     log_stage(tracker, parent, records, summary["leaderboard"], summary)
 
 
-__all__ = ["run_full_training", "Layer", "plan_layers", "plan_groups", "experiment_name",
+__all__ = ["run_full_training", "check_task_fits", "Layer", "plan_layers", "plan_groups", "experiment_name",
            "trial_record", "STATE_FORMAT"]

@@ -76,10 +76,12 @@ def log_trial(tracker: Tracker, parent_run_id: str, record: dict,
     tags = {"evonas.fulltrain_experiment": Path(record["path"]).parent.name,
             CANDIDATE_TAG: record["candidate_id"], "evonas.layer": record["layer"],
             "evonas.arch": record["arch"], "evonas.batch_size": record["batch_size"],
-            "evonas.seed": record["seed"], "evonas.status": record["status"],
+            "evonas.seed": record["seed"], "evonas.optimizer": record.get("optimizer", "sgd"),
+            "evonas.status": record["status"],
             "evonas.attempts": record["attempts"], "evonas.reason": record.get("reason"),
             "evonas.candidate_run_id": candidate_run_id}
-    name = f"{record['layer']} {record['arch']} b{record['batch_size']} s{record['seed']}"
+    name = (f"{record['layer']} {record['arch']} b{record['batch_size']} s{record['seed']} "
+            f"{record.get('optimizer', 'sgd')}")
     params = {"lr": record["lr"], "lr_effective": record["lr_effective"],
               "weight_decay": record["weight_decay"], "settings": record["settings"]}
     return tracker.log_child(parent_run_id, TRIALS, record["trial_id"], name, tags=tags,
@@ -91,7 +93,7 @@ def _trial_metrics(record: dict) -> list[tuple[str, float, int]]:
     out = [(name, point[name], point["step"])
            for point in record["curve"] for name in _CURVES if point.get(name) is not None]
     final_step = record["curve"][-1]["step"] if record["curve"] else 0
-    for name in ("test_accuracy", "val_accuracy", "seconds", "steps_done"):
+    for name in ("test_accuracy", "val_accuracy", "test_bpc", "seconds", "steps_done"):
         if record.get(name) is not None:
             out.append((f"final.{name}", record[name], final_step))
     return out
@@ -110,6 +112,8 @@ def log_summary(tracker: Tracker, parent_run_id: str, rows: Sequence[dict], summ
     if tau is not None:
         values["fulltrain.kendall_tau"] = float(tau)
     values["fulltrain.kendall_tau_layers"] = float(summary["kendall_tau"]["overall"]["n"])
+    values["fulltrain.kendall_tau_rejected"] = float(
+        len(summary["kendall_tau"]["overall"].get("rejected", ())))
     tracker.log_metrics(parent_run_id, values)
 
 

@@ -2,11 +2,16 @@
 
 Where it sits: stage.py hands `train_layer` to a Tuner (through tune.with_resources);
 Tune runs it in a worker process once per trial, with a config that names the layer
-(a search candidate's genome or a zoo layer), the architecture, batch size, seed and the
-learning rate and weight decay Optuna proposed. The trial trains the architecture around
-the layer with SGD, reports validation accuracy and loss a fixed number of times (the
-points where ASHA may stop it), checkpoints at every report, and scores the held-out test
-split at the end.
+(a search candidate's genome or a zoo layer), the architecture, batch size, seed,
+optimizer and the learning rate and weight decay Optuna proposed. The trial trains the
+architecture around the layer with that optimizer (SGD with momentum, or AdamW), reports
+validation accuracy and loss a fixed number of times (the points where ASHA may stop it),
+checkpoints at every report, and scores the held-out test split at the end.
+
+A language model (lm, lm_full) trains on windows of a text dataset at offsets drawn from
+(seed, step), predicting every next character; its accuracy is that of the next
+character, and it reports bits per character beside it (val_bpc, test_bpc). Transformers
+clip the gradient norm at 1, as their proxy recipes do (proxy/train_transformer.py).
 
 Resuming: the data order and augmentation of step t are functions of (seed, t) alone,
 so a trial restored from its checkpoint (model, optimizer, step) after a crash, a killed
@@ -35,7 +40,8 @@ from torch import nn
 from evonas.errors import EvonasError
 from evonas.fulltrain.config import LR_REFERENCE_BATCH, FullTrainConfig
 from evonas.proxy.data import load_cifar10_test, load_dataset
-from evonas.proxy.models import build_model
+from evonas.proxy.models import SEQUENCE_ARCHS, build_model
+from evonas.proxy.text import TEXT_DATASETS, eval_windows, sample_windows
 from evonas.proxy.train import ProxyConfig, _make_optimizer, lr_at, random_crop_flip
 from evonas.runtime.limits import limit_worker, task_device
 
@@ -63,6 +69,7 @@ class TrialSpec:
     lr: float  # at LR_REFERENCE_BATCH; see effective_lr
     weight_decay: float
     settings: FullTrainConfig
+    optimizer: str = "sgd"
 
     @classmethod
     def from_config(cls, config: dict) -> TrialSpec:
@@ -70,7 +77,8 @@ class TrialSpec:
         return cls(layer=config["layer"], layer_spec=config["layer_spec"],
                    arch=config["arch"], batch_size=int(config["batch_size"]),
                    seed=int(config["seed"]), lr=float(config["lr"]),
-                   weight_decay=float(config["weight_decay"]), settings=settings)
+                   weight_decay=float(config["weight_decay"]), settings=settings,
+                   optimizer=config.get("optimizer", "sgd"))
 
     @property
     def effective_lr(self) -> float:
@@ -101,14 +109,29 @@ class Splits:
     num_classes: int
 
 
-def load_splits(settings: FullTrainConfig) -> Splits:
+@dataclass(frozen=True)
+class TextSplits:
+    """Token ids of a text dataset: its training text, and its held-out text split in
+    halves into the validation text (reports, tuning) and the test text (final score)."""
+
+    train: torch.Tensor
+    val: torch.Tensor
+    test: torch.Tensor
+    num_classes: int
+
+
+def load_splits(settings: FullTrainConfig) -> Splits | TextSplits:
     """Training, validation and test splits of the stage's dataset (cached per process:
     a reused worker runs trial after trial on the same data)."""
     return _splits(settings.dataset, settings.data_dir)
 
 
 @functools.lru_cache(maxsize=2)
-def _splits(dataset: str, data_dir: str | None) -> Splits:
+def _splits(dataset: str, data_dir: str | None) -> Splits | TextSplits:
+    if dataset in TEXT_DATASETS:
+        text = load_dataset(dataset, data_dir)
+        half = len(text.val) // 2
+        return TextSplits(text.train, text.val[:half], text.val[half:], text.num_classes)
     if dataset == "synthetic":
         data = load_dataset("synthetic", n_train=_SYNTHETIC_TRAIN, n_val=_SYNTHETIC_HELD_OUT)
         half = len(data.val_y) // 2
@@ -230,21 +253,55 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: FullT
     return correct / n, loss_sum / n
 
 
+_EVAL_WINDOWS = 32  # text windows per forward pass at evaluation
+
+
+@torch.no_grad()
+def evaluate_text(model: nn.Module, ids: torch.Tensor, settings: FullTrainConfig,
+                  device: torch.device, limit: int | None = None) -> tuple[float, float]:
+    """(next-character accuracy, mean cross-entropy in nats) over the first `limit`
+    non-overlapping windows of `ids`; (0, inf) when the network outputs non-finite values."""
+    x, y = eval_windows(ids, model.context, limit)
+    if len(x) == 0:
+        raise EvonasError(f"the held-out text ({len(ids)} characters) is shorter than the "
+                          f"LM's context {model.context}: use a longer text or a smaller LM")
+    was_training = model.training
+    model.eval()
+    correct, loss_sum = 0, 0.0
+    try:
+        for lo in range(0, len(x), _EVAL_WINDOWS):
+            with autocast(settings, device):
+                logits = model(x[lo:lo + _EVAL_WINDOWS].to(device)).float().flatten(0, 1)
+            if not bool(torch.isfinite(logits).all()):
+                return 0.0, math.inf
+            target = y[lo:lo + _EVAL_WINDOWS].flatten().to(device)
+            loss_sum += float(F.cross_entropy(logits, target, reduction="sum"))
+            correct += int((logits.argmax(dim=1) == target).sum())
+    finally:
+        model.train(was_training)
+    return correct / y.numel(), loss_sum / y.numel()
+
+
 class _Run:
     """The state of one trial's training: model, optimizer, step, and what it reported."""
 
-    def __init__(self, spec: TrialSpec, data: Splits, device: torch.device):
+    def __init__(self, spec: TrialSpec, data: Splits | TextSplits, device: torch.device):
         self.spec, self.data, self.device = spec, data, device
         s = spec.settings
-        self.steps = total_steps(s, len(data.train_y), spec.batch_size)
-        self.report_at = report_steps(self.steps, s.num_reports)
         self.model = build(spec, data.num_classes, device)
+        self.text = isinstance(data, TextSplits)
+        # An LM's epoch is a pass over its training text in windows of its context.
+        n_train = len(data.train) // self.model.context if self.text else len(data.train_y)
+        self.steps = total_steps(s, n_train, spec.batch_size)
+        self.steps_per_epoch = n_train / spec.batch_size
+        self.report_at = report_steps(self.steps, s.num_reports)
         # The proxy's recipe (warm-up then cosine, decay on conv and linear weights only),
         # so full training differs from the proxy in length and tuning, not in method.
         self.recipe = ProxyConfig(arch=spec.arch, width=s.width, steps=self.steps,
                                   batch_size=spec.batch_size, lr=spec.effective_lr,
                                   momentum=s.momentum, weight_decay=spec.weight_decay,
-                                  warmup_fraction=s.warmup_fraction)
+                                  warmup_fraction=s.warmup_fraction, optimizer=spec.optimizer,
+                                  grad_clip=1.0 if spec.arch in SEQUENCE_ARCHS else None)
         self.optimizer = _make_optimizer(self.model, self.recipe)
         self.step = 0
         self.last_metrics: dict | None = None
@@ -267,22 +324,40 @@ class _Run:
         while self.step < until:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr_at(self.step, self.recipe)
-            idx = batch_indices(len(data.train_y), self.spec.batch_size, self.spec.seed, self.step)
-            gen = torch.Generator().manual_seed(_mix(self.spec.seed, 2, self.step))
-            x = random_crop_flip(data.train_x[idx], gen)
-            x, y = to_device(x, s, self.device), data.train_y[idx].to(self.device)
+            x, y = self._batch()
             with autocast(s, self.device):
                 logits = self.model(x)
-            loss = F.cross_entropy(logits.float(), y)
+            loss = F.cross_entropy(logits.float().flatten(0, -2), y.flatten())
             value = loss.item()
             if not math.isfinite(value):
                 return None
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if self.recipe.grad_clip is not None:
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.grad_clip)
             self.optimizer.step()
             self.step += 1
             losses.append(value)
         return sum(losses) / max(1, len(losses))
+
+    def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The minibatch of this step, a function of (seed, step) alone."""
+        s, data, spec = self.spec.settings, self.data, self.spec
+        if self.text:
+            gen = torch.Generator().manual_seed(_mix(spec.seed, 1, self.step))
+            x, y = sample_windows(data.train, spec.batch_size, self.model.context, gen)
+            return x.to(self.device), y.to(self.device)
+        idx = batch_indices(len(data.train_y), spec.batch_size, spec.seed, self.step)
+        gen = torch.Generator().manual_seed(_mix(spec.seed, 2, self.step))
+        x = random_crop_flip(data.train_x[idx], gen)
+        return to_device(x, s, self.device), data.train_y[idx].to(self.device)
+
+    def _score(self, split: str, limit: int | None = None) -> tuple[float, float]:
+        s, data = self.spec.settings, self.data
+        if self.text:
+            return evaluate_text(self.model, getattr(data, split), s, self.device, limit)
+        return evaluate(self.model, getattr(data, f"{split}_x"), getattr(data, f"{split}_y"), s,
+                        self.device, limit)
 
     def metrics(self, train_loss: float | None, seconds: float) -> dict:
         s, data = self.spec.settings, self.data
@@ -290,15 +365,18 @@ class _Run:
         if train_loss is None:
             val_acc, val_loss = 0.0, math.inf
         else:
-            val_acc, val_loss = evaluate(self.model, data.val_x, data.val_y, s, self.device,
-                                         s.eval_size)
+            val_acc, val_loss = self._score("val", s.eval_size)
         diverged = train_loss is None or not math.isfinite(val_loss)
-        out = {"step": self.step, "epoch": self.step * self.spec.batch_size / len(data.train_y),
+        out = {"step": self.step, "epoch": self.step / self.steps_per_epoch,
                "val_accuracy": val_acc, "val_loss": _finite(val_loss),
                "train_loss": _finite(train_loss), "lr": lr_at(max(0, self.step - 1), self.recipe),
                "train_seconds": seconds, "diverged": diverged, "completed": done or diverged}
+        if self.text:
+            out["val_bpc"] = _finite(val_loss / math.log(2))
         if done and not diverged:
-            out["test_accuracy"], _ = evaluate(self.model, data.test_x, data.test_y, s, self.device)
+            out["test_accuracy"], test_loss = self._score("test")
+            if self.text:
+                out["test_bpc"] = _finite(test_loss / math.log(2))
         return out
 
 
@@ -362,5 +440,5 @@ def train_layer(config: dict) -> None:
     run_trial(TrialSpec.from_config(config), TuneReporter())
 
 
-__all__ = ["TrialSpec", "Splits", "Reporter", "run_trial", "train_layer", "load_splits",
+__all__ = ["TrialSpec", "Splits", "TextSplits", "Reporter", "run_trial", "train_layer", "load_splits",
            "train_size", "total_steps", "report_steps", "batch_indices", "pick_device"]

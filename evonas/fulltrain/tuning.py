@@ -2,7 +2,7 @@
 
 Where it sits: stage.py builds one Tuner for the whole stage and gives it a GroupedSearch
 (the search algorithm), a GroupedASHA (the scheduler) and a StageCallback. A *group* is
-one (layer, architecture, batch size, seed); each trial belongs to one group.
+one (layer, architecture, batch size, seed, optimizer); each trial belongs to one group.
 
 Why not one Tuner per group: a cluster would then run one group's handful of trials at a
 time and wait for each group's slowest trial. Why not one OptunaSearch and one ASHA over
@@ -32,27 +32,26 @@ from ray.tune.search import Searcher
 from ray.tune.stopper import Stopper
 
 METRIC, MODE = "val_accuracy", "max"
-# The standard CIFAR recipe: every group's first trial, so each layer is also seen with
-# the hyperparameters BN baselines are usually given (the paper's own protocol).
-STANDARD_POINT = {"lr": 0.1, "weight_decay": 5e-4}
 
 
 @dataclass(frozen=True)
 class Group:
-    """One (layer, architecture, batch size, seed): the unit that gets its own tuning."""
+    """One (layer, architecture, batch size, seed, optimizer): the unit that gets its own
+    tuning."""
 
     layer: str
     arch: str
     batch_size: int
     seed: int
+    optimizer: str = "sgd"
 
     @property
     def key(self) -> str:
-        return f"{self.layer}|{self.arch}|{self.batch_size}|{self.seed}"
+        return f"{self.layer}|{self.arch}|{self.batch_size}|{self.seed}|{self.optimizer}"
 
     def fields(self) -> dict[str, Any]:
         return {"group": self.key, "layer": self.layer, "arch": self.arch,
-                "batch_size": self.batch_size, "seed": self.seed}
+                "batch_size": self.batch_size, "seed": self.seed, "optimizer": self.optimizer}
 
 
 class StageHooks:
@@ -155,10 +154,13 @@ class GroupedSearch(Searcher):
         # again through on_trial_complete; count them as running until they do.
 
 
-def make_optuna_factory(lr_range: tuple[float, float], wd_range: tuple[float, float],
-                        trials_per_group: int, base_seed: int) -> Callable[[Group], Any]:
+def make_optuna_factory(ranges: Callable[[str], tuple], trials_per_group: int,
+                        base_seed: int) -> Callable[[Group], Any]:
     """A function making each group's OptunaSearch: TPE over log lr and log weight
-    decay, seeded per group, starting from the standard recipe when it is in range."""
+    decay in the ranges of the group's optimizer (ranges(optimizer) -> (lr range, weight
+    decay range, first point), FullTrainConfig.ranges), seeded per group, starting from
+    the optimizer's standard recipe when it is in range, so each layer is also seen with
+    the hyperparameters baselines are usually given (the paper's own protocol)."""
     import numpy as np
     import optuna
     from ray.tune.search.optuna import OptunaSearch
@@ -166,19 +168,20 @@ def make_optuna_factory(lr_range: tuple[float, float], wd_range: tuple[float, fl
     # Optuna announces every study it creates at INFO, one line per group on the
     # driver's console; the stage prints its own progress.
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    space = {"lr": optuna.distributions.FloatDistribution(*lr_range, log=True),
-             "weight_decay": optuna.distributions.FloatDistribution(*wd_range, log=True)}
-    inside = (lr_range[0] <= STANDARD_POINT["lr"] <= lr_range[1]
-              and wd_range[0] <= STANDARD_POINT["weight_decay"] <= wd_range[1])
     # TPE samples at random until it has n_startup_trials results; its default of 10
     # would make every budget below 10 trials per group a plain random search.
     startup = max(2, trials_per_group // 4)
 
     def make(group: Group):
+        lr_range, wd_range, start = ranges(group.optimizer)
+        space = {"lr": optuna.distributions.FloatDistribution(*lr_range, log=True),
+                 "weight_decay": optuna.distributions.FloatDistribution(*wd_range, log=True)}
+        inside = (lr_range[0] <= start["lr"] <= lr_range[1]
+                  and wd_range[0] <= start["weight_decay"] <= wd_range[1])
         seed = int(np.random.SeedSequence([base_seed, *map(ord, group.key)]).generate_state(1)[0])
         sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
         return OptunaSearch(space, metric=METRIC, mode=MODE, sampler=sampler,
-                            points_to_evaluate=[dict(STANDARD_POINT)] if inside else None)
+                            points_to_evaluate=[start] if inside else None)
 
     return make
 
@@ -286,4 +289,4 @@ def _error_text(trial) -> str:
 
 
 __all__ = ["Group", "GroupedSearch", "GroupedASHA", "BudgetStopper", "StageCallback",
-           "StageHooks", "LIVE", "make_optuna_factory", "METRIC", "MODE", "STANDARD_POINT"]
+           "StageHooks", "LIVE", "make_optuna_factory", "METRIC", "MODE"]
