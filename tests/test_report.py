@@ -404,7 +404,7 @@ def test_refresh_warns_instead_of_failing_the_search(tmp_path, caplog):
 
 
 def test_report_every_s_must_be_positive():
-    with pytest.raises(Exception, match="--report-every must be > 0"):
+    with pytest.raises(Exception, match="--report-every must be a number > 0"):
         SearchConfig(report_every_s=0)
 
 

@@ -263,7 +263,7 @@ def test_every_candidate_of_a_search_trains_under_the_same_random_numbers():
                    "config": config.to_dict()}
         ev = evaluate_candidate(payload)
         assert ev["status"] == "survivor", ev
-        return ev["fitness"]["resnet"], ev["metrics"]["stability_peak_grad_norm"]
+        return ev["fitness"]["resnet"], ev["metrics"]["stability_peak_grad_norm.resnet"]
 
     first = score("c000001", seed=0)
     assert score("c000977", seed=0) == first

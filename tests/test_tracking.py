@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -103,6 +104,14 @@ def test_candidates_are_child_runs_found_by_status(store, monkeypatch, tmp_path)
     listed = {f.path for f in tracker.client.list_artifacts(ids["survivor"])}
     assert listed == {"genome.json", "formula.txt", "formula.tex", "layer.py", "graph.png"}
     assert "layer.py" not in {f.path for f in tracker.client.list_artifacts(ids["failed"])}
+    # The others' graphs are DOT text (a picture costs most of a candidate's logging).
+    for status in ("rejected", "duplicate", "failed"):
+        listed = {f.path for f in tracker.client.list_artifacts(ids[status])}
+        assert "graph.txt" in listed and "graph.png" not in listed
+    dot = tracker.client.download_artifacts(ids["rejected"], "graph.txt", str(tmp_path))
+    text = Path(dot).read_text()
+    assert text.count(" -> ") == sum(len(n.inputs) for n in zoo.get("evonorm_s0").nodes)
+    assert all(f'"{n.id}" [label="{n.id} = {n.op}"' in text for n in zoo.get("evonorm_s0").nodes)
     local = tracker.client.download_artifacts(ids["failed"], "genome.json", str(tmp_path))
     assert Genome.load(local) == zoo.get("bn_relu")
     # Artifacts live in the run folder beside the database.

@@ -42,6 +42,7 @@ from urllib.parse import unquote
 
 from mlflow.entities import Metric, Param, RunTag, ViewType
 from mlflow.exceptions import MlflowException
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
 
 from evonas.errors import EvonasError
@@ -127,8 +128,8 @@ class Tracker:
         """Create a top-level run, left RUNNING; returns its run id. params may nest:
         nested keys are dotted."""
         with _artifact_folder(texts, None) as folder:
-            run_id = self._create(name, {**(tags or {}), KIND_TAG: kind})
-            self._write(run_id, params, None, 0, folder)
+            run_id, artifact_uri = self._create(name, {**(tags or {}), KIND_TAG: kind})
+            self._write(run_id, params, None, 0, folder, artifact_uri)
         return run_id
 
     def resume(self, run_id: str) -> None:
@@ -161,8 +162,8 @@ class Tracker:
         run_tags = {PARENT_TAG: parent_run_id, KIND_TAG: kind.kind, kind.key_tag: key,
                     **(tags or {})}
         with _artifact_folder(texts, draw) as folder:
-            run_id = self._create(name, run_tags)
-            self._write(run_id, params, metrics, 0, folder)
+            run_id, artifact_uri = self._create(name, run_tags)
+            self._write(run_id, params, metrics, 0, folder, artifact_uri)
             self.client.set_terminated(run_id, FINISHED)
         return run_id
 
@@ -202,23 +203,31 @@ class Tracker:
 
     # --- the store calls ----------------------------------------------------------------
 
-    def _create(self, name: str, tags: Mapping[str, Any]) -> str:
-        """A run with its first tags; tags past one batch's worth follow in batches."""
+    def _create(self, name: str, tags: Mapping[str, Any]) -> tuple[str, str]:
+        """A run with its first tags, as (run id, artifact URI); tags past one batch's worth
+        follow in batches."""
         entries = _tags(tags)
         first = {t.key: t.value for t in entries[:MAX_PARAMS_TAGS_PER_BATCH]}
         run = self.client.create_run(self.experiment_id, run_name=_run_name(name), tags=first)
         for chunk in _chunks(entries[MAX_PARAMS_TAGS_PER_BATCH:], MAX_PARAMS_TAGS_PER_BATCH):
             self.client.log_batch(run.info.run_id, tags=chunk, synchronous=True)
-        return run.info.run_id
+        return run.info.run_id, run.info.artifact_uri
 
     def _write(self, run_id: str, params: Mapping[str, Any] | None, metrics: Metrics | None,
-               step: int, folder: str | None) -> None:
+               step: int, folder: str | None, artifact_uri: str | None = None) -> None:
+        """Params and metrics in batches (one for a candidate's dozen metrics), then the
+        folder's files. artifact_uri: the run's, when the caller has it from create_run;
+        the client would read the run back to learn it (a store round trip per run)."""
         for chunk in _chunks(_params(params or {}), MAX_PARAMS_TAGS_PER_BATCH):
             self.client.log_batch(run_id, params=chunk, synchronous=True)
         for chunk in _chunks(_metrics(metrics or {}, step), MAX_METRICS_PER_BATCH):
             self.client.log_batch(run_id, metrics=chunk, synchronous=True)
-        if folder is not None:
-            self.client.log_artifacts(run_id, folder)
+        if folder is None:
+            return
+        if artifact_uri is None or self.tracking_uri.startswith("databricks"):
+            self.client.log_artifacts(run_id, folder)  # resolves the URI as MLflow does there
+        else:
+            get_artifact_repository(artifact_uri, tracking_uri=self.tracking_uri).log_artifacts(folder)
 
     def _children(self, parent_run_id: str, kind: ChildKind | None, filter: str,
                   order_by: list[str] | None) -> Iterator:

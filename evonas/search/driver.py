@@ -6,15 +6,20 @@ One turn of the loop:
    and run the cheap checks here (static, numeric, duplicate: milliseconds); a candidate
    they settle is finished at once, the rest is submitted to a worker;
 2. wait briefly for workers; each finished evaluation is *finished*: told to the
-   controller, charged to the ledger, appended to the run folder's journal and committed
-   by its state.json (state.py), then handed to the background writer (writer.py) for
-   MLflow. In that order: the run folder is the truth, MLflow is reconciled with it on
-   resume, so a kill at any moment loses only what was in flight.
+   controller, charged to the ledger and appended to the run folder's journal.
+After each step, one state.json (state.py) commits the journal lines the step appended,
+and only then are their candidates handed to the background writer (writer.py) for
+MLflow. In that order: the run folder is the truth, MLflow is reconciled with it on
+resume, so a kill at any moment loses only what was in flight and what the step had not
+committed yet (evaluations returned by the same wait, and proposals the checks settled in
+milliseconds; a resume proposes afresh from the last commit).
 
 The driver's own time per candidate bounds how many workers it feeds
 (benchmarks/driver_throughput.py): recording a candidate costs the same at any length of
-the search (a journal line and a bounded state.json, fsynced once a second), and MLflow's
-child runs, graph pictures and exported code are written off the loop.
+the search (a journal line, and a share of a bounded state.json fsynced once a second),
+and MLflow's child runs, graph pictures and exported code are written off the loop. The
+more candidates finish per step, the more share one state.json: the commit costs least
+per candidate when the driver is busiest.
 
 A duplicate whose equivalent is still being evaluated waits for it and takes its verdict.
 """
@@ -115,6 +120,8 @@ class Search:
         self.waiting: dict[str, list[Candidate]] = {}  # fingerprint -> parked duplicates
         self.pre_seconds: dict[str, dict[str, float]] = {}  # driver stages' cost per candidate
         self.ready: list[Candidate] = []  # checked, waiting for a worker slot
+        # Finished this step, in the journal, not yet committed by state.json nor logged.
+        self._uncommitted: list[tuple[Candidate, Evaluation]] = []
         self.counts = Counter(outcome(e) for e in state.evaluations.values())
         self.best = state.best()
         self._stop = False
@@ -180,8 +187,20 @@ class Search:
                       ledger=self.ledger.to_state(), durable=durable)
 
     def _commit(self, cand: Candidate, ev: Evaluation) -> None:
+        """The candidate's journal line; the step's _flush commits it."""
         self.journal.append(cand, ev)
+        self._uncommitted.append((cand, ev))
+
+    def _flush(self) -> None:
+        """Commit the step's journal lines by one state.json, then queue their MLflow
+        runs and the search's progress after them."""
+        if not self._uncommitted:
+            return
+        done, self._uncommitted = self._uncommitted, []
         self.save()
+        for cand, ev in done:
+            self._log(cand, ev)
+        self._log_progress()
 
     # --- the loop -------------------------------------------------------------------
 
@@ -196,6 +215,7 @@ class Search:
             while True:
                 start = time.perf_counter()
                 self._fill()
+                self._flush()
                 self.state.driver_seconds += time.perf_counter() - start
                 if not self.in_flight and not self.ready and (self._stop or not self.ledger.can_start()):
                     break
@@ -208,6 +228,7 @@ class Search:
                 start = time.perf_counter()
                 for result in outcomes:
                     self._finished_outcome(result)
+                self._flush()
                 self._show()
                 self._report()
                 self.state.driver_seconds += time.perf_counter() - start
@@ -263,11 +284,19 @@ class Search:
                             {"candidate": cand.to_dict(), "config": self._config_dict})
 
     def _precheck(self, cand: Candidate, genome: Genome) -> bool:
-        """Static, numeric and duplicate checks; True if the candidate needs a worker."""
+        """Static, numeric, causal and duplicate checks; True if the candidate needs a
+        worker. The causal check runs where layers must not see later tokens: in a causal
+        space, and wherever a proxy is a causal LM (there a leaking layer would score on
+        the characters it is asked to predict)."""
+        from evonas.search.rejection import causal_check
+
         seconds = self.pre_seconds.setdefault(cand.candidate_id, {})
-        for verdict in (lambda: static_check(genome, self.space),
-                        lambda: numeric_check(genome, self.config.stages.numeric_scales,
-                                              self.space.groups)):
+        verdicts = [lambda: static_check(genome, self.space),
+                    lambda: numeric_check(genome, self.config.stages.numeric_scales,
+                                          self.space.groups)]
+        if self.space.causal or self.config.causal_proxy:
+            verdicts.append(lambda: causal_check(genome, self.space))
+        for verdict in verdicts:
             v = verdict()
             seconds[v.stage] = v.seconds
             if not v.passed:
@@ -331,7 +360,8 @@ class Search:
                 self.waiting[fingerprint] = rest
 
     def _finish(self, cand: Candidate, ev: Evaluation) -> None:
-        """Tell, charge, commit, log: the one path every candidate ends through."""
+        """Tell, charge, record: the one path every candidate ends through (the step's
+        _flush commits and logs it)."""
         ev.stage_seconds = {**self.pre_seconds.pop(cand.candidate_id, {}), **ev.stage_seconds}
         self.controller.tell(cand.candidate_id, ev.objectives(list(self.config.archs)),
                              records.told_status(ev), behaviour=cand.fingerprint)
@@ -343,7 +373,6 @@ class Search:
         if ev.status == SURVIVOR and (self.best is None or rank_key(ev) < rank_key(self.best)):
             self.best = ev
         self._commit(cand, ev)
-        self._log(cand, ev)
 
     # --- tracking -------------------------------------------------------------------
 
@@ -366,16 +395,22 @@ class Search:
             return
         self.tracker.resume_search(self.state.parent_run_id)
         logged = self.tracker.reconcile(self.state.parent_run_id, set(self.state.evaluations))
-        for cid in sorted(set(self.state.evaluations) - logged):
+        missing = sorted(set(self.state.evaluations) - logged)
+        for cid in missing:
             self._log(self.state.candidates[cid], self.state.evaluations[cid])
+        if missing:
+            self._log_progress()
 
     def _log(self, cand: Candidate, ev: Evaluation) -> None:
-        """Queue the candidate's MLflow run and the search's progress after it."""
+        """Queue the candidate's MLflow run."""
+        self.writer.put(_log_candidate, self.state.parent_run_id, cand, ev)
+
+    def _log_progress(self) -> None:
+        """Queue the search's progress, at the step of the candidates finished so far."""
         summary = {"evaluated": float(len(self.state.evaluations)),
                    "budget_spent_fraction": float(self.ledger.fraction_spent)}
         if self.best is not None:
             summary["best_mean_fitness"] = records.mean_fitness(self.best)
-        self.writer.put(_log_candidate, self.state.parent_run_id, cand, ev)
         self.writer.put(_log_summary, self.state.parent_run_id, summary,
                         len(self.state.evaluations))
 
@@ -392,6 +427,8 @@ class Search:
         at once when it was interrupted (a resume logs what the queue held)."""
         if self.writer is None:
             return
+        if status == "FINISHED":
+            self._flush()  # what a caller finished outside run()'s steps
         writer, self.writer = self.writer, None
         writer.close(drain=status == "FINISHED")
         if self.state.parent_run_id is not None:

@@ -17,7 +17,9 @@ from typing import TextIO
 
 
 class Progress:
-    def __init__(self, stream: TextIO = sys.stderr, every: float = 30.0, clock=time.monotonic):
+    def __init__(self, stream: TextIO | None = None, every: float = 30.0, clock=time.monotonic):
+        # sys.stderr as it is now, not at import: a caller may have replaced it since.
+        stream = sys.stderr if stream is None else stream
         self.stream = stream
         self.tty = stream.isatty()
         self.every = every

@@ -1,7 +1,8 @@
 """What a search knows about each candidate: the records every part of the search shares.
 
 A Candidate is proposed by the controller (evolution.py); an Evaluation is what the
-workers (evaluate.py, run through engine.py) or the driver's cheap checks found about it.
+workers (evaluate.py, run through runtime/backends.py) or the driver's cheap checks
+found about it.
 Rejection is data, never an exception: every candidate ends with a status, its cost per
 stage, and its lineage. Both records round-trip through plain JSON types, because they are
 written to the run folder's state and sent to Ray workers.
@@ -16,7 +17,7 @@ STATUSES = (SURVIVOR, REJECTED, DUPLICATE, FAILED)
 
 # Rejection stages, cheapest first. "duplicate" reuses the fitness of an equivalent
 # candidate (same functional fingerprint) instead of training again.
-STAGES = ("static", "numeric", "duplicate", "stability", "quality", "proxy")
+STAGES = ("static", "numeric", "causal", "duplicate", "stability", "quality", "proxy")
 
 
 @dataclass

@@ -64,35 +64,39 @@ def _all_finite(genome: Genome, scales: tuple[float, ...], groups: int) -> float
     """The largest output magnitude when every output and gradient is finite, else None.
 
     The driver's time per candidate is bounded (benchmarks/driver_throughput.py), and
-    backward calls cost most of this check: one per mode here, over the sum of the
-    scales' losses. Each scale's input gradient is its own; the parameters' gradients
-    are summed, and a sum is finite only if every term is (inf and NaN never cancel to a
-    finite value), so this passes no layer _scale_by_scale rejects. It may fail one that
-    the scale-by-scale check passes (finite terms whose sum overflows): the caller then
-    runs that check, which also names the scale and mode of a failure.
+    backward calls cost most of this check: one here, over the sum of every scale's loss
+    in both modes (train first, so eval mode reads the running estimates the train-mode
+    batches left, as in _scale_by_scale). Each forward's input gradient is its own; the
+    parameters' gradients are the sum of each forward's, computed by the same ops as
+    _scale_by_scale's one-forward backward, and a sum is finite only if every term is
+    (inf and NaN never cancel to a finite value), so this passes no layer _scale_by_scale
+    rejects. It may fail one that the scale-by-scale check passes (finite terms whose sum
+    overflows): the caller then runs that check, which also names the scale and mode of a
+    failure.
     """
     from evonas.layers.fingerprint import probe_inputs, probe_layer
 
     layer = probe_layer(genome, groups=groups, dtype=torch.float32)
     params = list(layer.parameters())
     probes = probe_inputs(scales, dtype=torch.float32, layout=genome.layout)
-    worst = 0.0
-    for mode in ("train", "eval"):
-        layer.train(mode == "train")
-        xs = [x.detach().requires_grad_(True) for x in probes]
-        outs = [layer(x) for x in xs]
-        if any(out.shape != x.shape for out, x in zip(outs, xs)):
-            return None
-        flat = torch.cat([out.reshape(-1) for out in outs])
-        if not bool(torch.isfinite(flat).all()):
-            return None
-        grads = torch.autograd.grad(sum(out.square().mean() for out in outs), [*xs, *params],
-                                    allow_unused=True)
-        present = [g.reshape(-1) for g in grads if g is not None]
-        if present and not bool(torch.isfinite(torch.cat(present)).all()):
-            return None
-        worst = max(worst, float(flat.detach().abs().max()))
-    return worst
+    xs, outs = [], []
+    for training in (True, False):
+        layer.train(training)
+        for probe in probes:
+            x = probe.detach().requires_grad_(True)
+            xs.append(x)
+            outs.append(layer(x))
+    if any(out.shape != x.shape for out, x in zip(outs, xs)):
+        return None
+    flat = torch.cat([out.reshape(-1) for out in outs])
+    if not bool(torch.isfinite(flat).all()):
+        return None
+    grads = torch.autograd.grad(sum(out.square().mean() for out in outs), [*xs, *params],
+                                allow_unused=True)
+    present = [g.reshape(-1) for g in grads if g is not None]
+    if present and not bool(torch.isfinite(torch.cat(present)).all()):
+        return None
+    return float(flat.detach().abs().max())
 
 
 def _scale_by_scale(genome: Genome, scales: tuple[float, ...], groups: int):
@@ -182,7 +186,9 @@ def stability_check(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *,
     def check():
         peak = 0.0
         model.train()
-        for step in range(steps):
+        # steps + 1 measurements: the weights each ascent step reaches are measured too,
+        # the last one included (a layer that blows up on the final step is rejected).
+        for step in range(steps + 1):
             loss = F.cross_entropy(model(x), y)
             # Layers built with apply_act=False leave their graph's vectors unused.
             grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
@@ -192,6 +198,8 @@ def stability_check(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *,
             if not math.isfinite(value) or value > threshold:
                 return (f"gradient norm {value:.3g} > {threshold:g} after {step} ascent steps",
                         {"stability_peak_grad_norm": min(peak, 1e300)})
+            if step == steps:
+                break
             ascent = torch.autograd.grad(norm, params, allow_unused=True)
             ascent = [a if a is not None else torch.zeros_like(p) for a, p in zip(ascent, params)]
             size = torch.sqrt(sum(a.square().sum() for a in ascent))

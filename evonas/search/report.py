@@ -151,6 +151,8 @@ def funnel(run: Run) -> list[FunnelRow]:
     checks) holds failures whose stage is unknown, and appears only when there are some."""
     evs = list(run.state.evaluations.values())
     order = list(STAGES)
+    if not any("causal" in ev.stage_seconds for ev in evs):
+        order.remove("causal")  # a search whose layers may see every token never runs it
     order.insert(order.index("duplicate") + 1, "worker")
     rows = {stage: FunnelRow(stage, 0) for stage in order}
     for ev in evs:

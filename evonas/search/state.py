@@ -14,8 +14,9 @@ Two files, so that recording a candidate costs the same at the 10th and the 100,
                    parent run, the driver's own seconds, and `journal_bytes`: how much of
                    the journal is committed
 
-A candidate is finished when a state.json naming its line has replaced the previous one.
-The journal line is written first, so a kill between the two leaves a line past
+A candidate is finished when a state.json naming its line has replaced the previous one
+(the driver writes one per step of its loop, for every line the step appended). The
+journal line is written first, so a kill between the two leaves a line past
 journal_bytes: readers ignore it and a resume cuts it off (the controller never learnt of
 it, and proposes afresh). Run folders of the first format kept everything in state.json
 (LEGACY_FORMAT); they are read as they are and rewritten in two files on resume.
@@ -41,7 +42,7 @@ from evonas.search.runfolder import RunFolder
 STATE_FORMAT = "evonas.search-state/2"
 LEGACY_FORMAT = "evonas.search-state/1"
 # Stages run by the driver itself, on its CPU, before a candidate costs a worker anything.
-DRIVER_STAGES = ("static", "numeric", "duplicate")
+DRIVER_STAGES = ("static", "numeric", "causal", "duplicate")
 
 
 # --- the rules ----------------------------------------------------------------------------

@@ -15,8 +15,9 @@ Run layout:
                    evonas.*; metrics fitness.<arch>, fitness.mean, cost.<stage>_s,
                    cost.total_s, cost.device_s, genome.nodes and the evaluation's own
                    metrics; artifacts genome.json, formula.txt, formula.tex, layer.py (when
-                   exported), reject_reason.txt (when too long for its tag), graph.png
-                   (unless pictures=False)
+                   exported), reject_reason.txt (when too long for its tag), and its
+                   graph: graph.png for a survivor (unless pictures=False), else
+                   graph.txt, the graph in Graphviz DOT (`dot -Tpng graph.txt`)
 
 After a crash, `reconcile` leaves every finished evaluation exactly one FINISHED candidate
 run. Safe to call from one background thread while the driver's thread writes reports.
@@ -30,7 +31,7 @@ from typing import Any
 
 from evonas.layers.genome import Genome
 from evonas.runtime.tracking import FINISHED, MAX_TAG_VALUE, ChildKind, Draw, Tracker
-from evonas.search.records import Candidate, Evaluation
+from evonas.search.records import SURVIVOR, Candidate, Evaluation
 
 SEARCH_KIND = "search"
 CANDIDATES = ChildKind("candidate", "evonas.candidate_id")
@@ -47,8 +48,10 @@ class SearchTracker:
 
     def __init__(self, tracking_uri: str, experiment: str = "evonas", *,
                  artifact_location: str | None = None, pictures: bool = True):
-        """pictures=False skips graph.png, most of a candidate's logging time (about 80 of
-        100 ms on a SQLite store), for searches that reject candidates faster than that;
+        """Drawing graph.png is most of a candidate's logging time (about 100 of 150 ms on
+        a SQLite store), so only survivors, the candidates a user opens, get the picture;
+        the rejected, duplicate and failed ones (most of a search, arriving faster) get
+        their graph as DOT text. pictures=False gives every candidate the text, and
         matplotlib is then never imported. artifact_location: see Tracker."""
         self.runs = Tracker(tracking_uri, experiment, artifact_location=artifact_location)
         self.pictures = pictures
@@ -100,12 +103,15 @@ class SearchTracker:
         source is the exported layer (export.export_source), None where there is none
         (failed candidates). The run is FINISHED only once everything is logged.
         """
-        draw = _picture(genome, evaluation.candidate_id) if self.pictures else None
+        picture = self.pictures and evaluation.status == SURVIVOR
+        texts = _candidate_texts(evaluation, genome, formula, latex, source)
+        if not picture:
+            texts["graph.txt"] = graph_dot(genome, evaluation.candidate_id)
         return self.runs.log_child(
             parent_run_id, CANDIDATES, candidate.candidate_id, formula,
             tags=_candidate_tags(candidate, evaluation, genome),
-            metrics=_candidate_metrics(evaluation, genome),
-            texts=_candidate_texts(evaluation, genome, formula, latex, source), draw=draw)
+            metrics=_candidate_metrics(evaluation, genome), texts=texts,
+            draw=_picture(genome, evaluation.candidate_id) if picture else None)
 
     def reconcile(self, parent_run_id: str, finished: set[str]) -> set[str]:
         """Make the candidate runs agree with the driver's state after a resume.
@@ -171,6 +177,19 @@ def _candidate_texts(evaluation: Evaluation, genome: Genome, formula: str, latex
     return texts
 
 
+def graph_dot(genome: Genome, title: str) -> str:
+    """The genome's graph in Graphviz DOT: inputs as boxes, each node `id = op`, the
+    output doubly outlined, edges labelled with the argument position they fill."""
+    lines = [f"// {title}: render with `dot -Tpng graph.txt -o graph.png`",
+             f'digraph "{title}" {{', "  rankdir=BT;"]
+    lines += [f'  "{name}" [shape=box];' for name in sorted(genome.inputs_used)]
+    for n in genome.nodes:
+        ring = ", peripheries=2" if n.id == genome.output else ""
+        lines.append(f'  "{n.id}" [label="{n.id} = {n.op}"{ring}];')
+        lines += [f'  "{a}" -> "{n.id}" [label="{pos}"];' for pos, a in enumerate(n.inputs)]
+    return "\n".join(lines + ["}"]) + "\n"
+
+
 def _picture(genome: Genome, title: str) -> Draw:
     def draw(folder: Path) -> None:
         # Imported here: matplotlib loads only in a search that draws pictures.
@@ -180,4 +199,4 @@ def _picture(genome: Genome, title: str) -> Draw:
     return draw
 
 
-__all__ = ["SearchTracker", "CANDIDATES", "CANDIDATE_TAG", "SEARCH_KIND"]
+__all__ = ["SearchTracker", "CANDIDATES", "CANDIDATE_TAG", "SEARCH_KIND", "graph_dot"]
