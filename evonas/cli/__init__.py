@@ -28,7 +28,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> Parser:
-    from evonas.cli import dashboards, layers, search, train
+    from evonas.cli import calibrate, dashboards, layers, search, train
 
     parser = Parser(prog="evonas", description="Evolve normalization-activation layers.")
     parser.add_argument("--version", action="version", version=f"evonas {__version__}")
@@ -36,6 +36,7 @@ def build_parser() -> Parser:
     layers.add_parsers(sub)
     search.add_parsers(sub)
     train.add_parsers(sub)
+    calibrate.add_parsers(sub)
     dashboards.add_parsers(sub)
     return parser
 

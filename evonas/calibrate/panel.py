@@ -1,0 +1,112 @@
+"""The reference panel: layers whose full-training outcome is known.
+
+A panel is data: panel.json in a folder (benchmarks/panel/<dataset>/ for the shipped
+one) holding, per layer, its genome, its full-training score and the leaderboard rows the
+score came from. It is built from an `evonas train` run, whose machinery (Tune, Optuna's
+LR search, seeds) trained the layers, so every calibration reuses one measurement:
+
+    evonas train RUN --top 8 --baselines bn_relu,gn_relu,...   (the full trainings)
+    evonas calibrate --panel DIR --panel-from RUN              (writes DIR/panel.json)
+
+A layer's score is the mean, over every (architecture, batch size) the training planned,
+of its seeds' mean test accuracy; a layer missing a setting is left out of the panel
+(ranked on easier or harder settings than the others, it would bias the ranking), as
+`evonas train`'s own rank correlation does.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from evonas.errors import EvonasError
+from evonas.layers.genome import Genome
+
+PANEL_FILE = "panel.json"
+PANEL_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Panel:
+    dataset: str
+    genomes: dict[str, dict]  # layer name -> genome (plain dict)
+    outcome: dict[str, float]  # layer name -> full-training score, higher is better
+    rows: dict[str, list[dict]]  # layer name -> its leaderboard rows
+    source: str  # what trained it: the `evonas train` run
+
+    def to_dict(self) -> dict:
+        return {"format": PANEL_FORMAT, "dataset": self.dataset, "source": self.source,
+                "layers": {name: {"score": self.outcome[name], "genome": self.genomes[name],
+                                  "rows": self.rows[name]} for name in sorted(self.outcome)}}
+
+
+def panel_from_run(run_path: str | Path) -> Panel:
+    """The layers an `evonas train RUN` trained fully, with their scores and genomes."""
+    from evonas.layers import zoo
+    from evonas.search.results import load_run
+
+    run = load_run(run_path)
+    summary_path = Path(run_path) / "fulltrain" / "summary.json"
+    if not summary_path.is_file():
+        raise EvonasError(f"{run_path} has no full training yet ({summary_path} is missing); "
+                          f"run `evonas train {run_path}` first")
+    summary = json.loads(summary_path.read_text())
+    rows_by_layer: dict[str, list[dict]] = {}
+    for row in summary["leaderboard"]:
+        rows_by_layer.setdefault(row["layer"], []).append(row)
+    settings = {(r["arch"], r["batch_size"]) for r in summary["leaderboard"]}
+    genomes, outcome, rows = {}, {}, {}
+    for layer in summary["layers"]:
+        name, cid = layer["layer"], layer["candidate_id"]
+        got = [r for r in rows_by_layer.get(name, []) if r["mean"] is not None]
+        if len({(r["arch"], r["batch_size"]) for r in got}) != len(settings):
+            continue
+        genome = (zoo.get(cid.split(":", 1)[1]) if cid.startswith("zoo:")
+                  else Genome.from_dict(run.state.candidates[cid].genome))
+        genomes[name] = genome.to_dict()
+        outcome[name] = sum(r["mean"] for r in got) / len(got)
+        rows[name] = got
+    if len(outcome) < 2:
+        raise EvonasError(f"{run_path}: full training completed {len(outcome)} layer(s) in "
+                          f"every setting; a panel needs two or more (resume `evonas train`)")
+    return Panel(run.config.dataset, genomes, outcome, rows, str(Path(run_path).resolve()))
+
+
+def write_panel(panel: Panel, folder: str | Path) -> Path:
+    from evonas.search.runfolder import atomic_write_text
+
+    path = Path(folder) / PANEL_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(panel.to_dict(), indent=1) + "\n")
+    return path
+
+
+def load_panel(folder: str | Path) -> Panel:
+    """The panel in folder/panel.json; its genomes are read as data (Genome.from_dict:
+    op names from the op table, never code)."""
+    path = Path(folder) / PANEL_FILE
+    if not path.is_file():
+        raise EvonasError(f"--panel {folder}: no {PANEL_FILE} there; build one with "
+                          f"`evonas calibrate --panel {folder} --panel-from RUN`")
+    try:
+        data = json.loads(path.read_text())
+        if data.get("format") != PANEL_FORMAT:
+            raise ValueError(f"format {data.get('format')!r}, expected {PANEL_FORMAT}")
+        layers = data["layers"]
+        genomes = {n: Genome.from_dict(v["genome"], source=f"{path}:{n}").to_dict()
+                   for n, v in layers.items()}
+        outcome = {n: float(v["score"]) for n, v in layers.items()}
+        rows = {n: list(v.get("rows", [])) for n, v in layers.items()}
+        panel = Panel(str(data["dataset"]), genomes, outcome, rows, str(data.get("source", "")))
+    except EvonasError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise EvonasError(f"{path} is not a panel file ({type(err).__name__}: {err}); "
+                          f"rebuild it with `evonas calibrate --panel-from RUN`") from None
+    if len(panel.outcome) < 2:
+        raise EvonasError(f"{path} holds {len(panel.outcome)} layer(s); a panel needs two or more")
+    return panel
+
+
+__all__ = ["Panel", "load_panel", "panel_from_run", "write_panel"]

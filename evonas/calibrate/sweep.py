@@ -1,0 +1,256 @@
+"""Proxy settings scored against the panel, and the search over them.
+
+One setting (proxy steps, batch, width, learning rate, the quality gate's step and
+threshold) is scored by running the search's own evaluation (search/evaluate.py: the
+stability, quality and proxy stages, common random numbers) on every panel layer through
+the search's backends (inline or Ray workers), then comparing the proxy's ranking with the
+panel's (agreement.py). Its cost is the mean worker seconds per panel layer: what a
+candidate costs a search at that setting, the cheap rejections included.
+
+The settings are searched by an Optuna study with two objectives (Kendall's tau up,
+seconds per candidate down), stored in SQLite in the output folder: a calibration killed
+at any moment resumes with every finished setting kept, and every finished layer of the
+interrupted one (evaluations.jsonl). Today's defaults are the first setting scored, so
+the report always says how they compare.
+
+The chosen setting: among the settings that reject none of the panel's good layers, the
+cheapest whose tau is within one discordant pair of the best tau (a smaller difference is
+below what the panel can resolve).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
+
+from evonas.calibrate.agreement import agreement
+from evonas.search.config import SearchConfig
+
+if TYPE_CHECKING:  # the panel's module reads genomes (torch): `evonas --help` stays light
+    from evonas.calibrate.panel import Panel
+
+# The settings a calibration varies: SearchConfig fields, then StageConfig fields.
+SEARCH_FIELDS = ("proxy_steps", "proxy_batch_size", "proxy_width", "proxy_lr")
+STAGE_FIELDS = ("quality_steps", "quality_threshold")
+SETTING_FIELDS = SEARCH_FIELDS + STAGE_FIELDS
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepSpace:
+    """The values a calibration may choose; the CLI's --steps/--batches/--widths set them.
+    quality_fractions: the quality gate's step as a fraction of the proxy's steps."""
+
+    steps: tuple[int, ...] = (50, 100, 200, 300, 600)
+    batches: tuple[int, ...] = (32, 64, 128)
+    widths: tuple[int, ...] = (4, 8, 16)
+    lr: tuple[float, float] = (0.02, 0.4)
+    quality_fractions: tuple[float, ...] = (0.25, 0.5, 1.0)
+    quality_thresholds: tuple[float, float] = (0.0, 0.25)
+
+    def suggest(self, trial) -> dict:
+        steps = trial.suggest_categorical("proxy_steps", list(self.steps))
+        fraction = trial.suggest_categorical("quality_fraction", list(self.quality_fractions))
+        return {"proxy_steps": steps,
+                "proxy_batch_size": trial.suggest_categorical("proxy_batch_size", list(self.batches)),
+                "proxy_width": trial.suggest_categorical("proxy_width", list(self.widths)),
+                "proxy_lr": trial.suggest_float("proxy_lr", *self.lr, log=True),
+                "quality_steps": max(1, round(steps * fraction)),
+                "quality_threshold": trial.suggest_float("quality_threshold",
+                                                         *self.quality_thresholds)}
+
+
+def setting_of(config: SearchConfig) -> dict:
+    """The calibrated fields of a config (today's defaults, when it is the default)."""
+    return {**{f: getattr(config, f) for f in SEARCH_FIELDS},
+            **{f: getattr(config.stages, f) for f in STAGE_FIELDS}}
+
+
+def with_setting(config: SearchConfig, setting: Mapping) -> SearchConfig:
+    return dataclasses.replace(
+        config, **{f: setting[f] for f in SEARCH_FIELDS if f in setting},
+        stages=dataclasses.replace(config.stages,
+                                   **{f: setting[f] for f in STAGE_FIELDS if f in setting}))
+
+
+def setting_key(setting: Mapping) -> str:
+    return hashlib.sha256(json.dumps(dict(setting), sort_keys=True).encode()).hexdigest()[:16]
+
+
+class EvaluationCache:
+    """Finished panel evaluations, one JSON line each, keyed by setting and layer: a
+    calibration resumed after a kill redoes none of them."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.done: dict[tuple[str, str], dict] = {}
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:  # the last line of a killed write
+                    continue
+                self.done[(rec["setting"], rec["layer"])] = rec
+
+    def add(self, rec: dict) -> None:
+        self.done[(rec["setting"], rec["layer"])] = rec
+        with self.path.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+def score_setting(panel: Panel, config: SearchConfig, backend, cache: EvaluationCache,
+                  progress: Callable[[str], None] = lambda line: None) -> dict:
+    """Evaluate every panel layer under `config` and compare with the panel."""
+    from evonas.runtime.backends import run_all
+    from evonas.search.evaluate import evaluate_candidate
+    from evonas.search.records import Candidate
+
+    key = setting_key(setting_of(config))
+    todo = {name: (evaluate_candidate,
+                   {"candidate": Candidate(f"panel_{name}", genome, None, "panel").to_dict(),
+                    "config": config.to_dict()})
+            for name, genome in sorted(panel.genomes.items()) if (key, name) not in cache.done}
+    if todo:
+        for outcome in run_all(backend, todo):
+            cache.add(_record(key, outcome))
+            progress(f"  {outcome.task_id}: {cache.done[(key, outcome.task_id)]['verdict']}")
+    recs = {name: cache.done[(key, name)] for name in panel.genomes}
+    proxy = {name: rec["fitness"] for name, rec in recs.items()}
+    return {"setting": setting_of(config), **agreement(panel.outcome, proxy),
+            "seconds_per_candidate": sum(r["seconds"] for r in recs.values()) / len(recs),
+            "layers": recs}
+
+
+def _record(key: str, outcome) -> dict:
+    """One panel layer's evaluation: its mean proxy fitness, or None and why not."""
+    from evonas.search.records import SURVIVOR, Evaluation
+    from evonas.search.state import mean_fitness
+
+    rec = {"setting": key, "layer": outcome.task_id, "seconds": outcome.seconds}
+    if not outcome.ok:
+        return {**rec, "fitness": None, "verdict": f"failed: {outcome.error}"}
+    ev = Evaluation.from_dict(outcome.value)
+    if ev.status == SURVIVOR and ev.fitness:
+        return {**rec, "fitness": mean_fitness(ev), "verdict": f"kept, {mean_fitness(ev):.4f}"}
+    return {**rec, "fitness": None,
+            "verdict": f"{ev.status} at {ev.reject_stage}: {ev.reject_reason}"}
+
+
+def chosen(results: Sequence[dict]) -> dict | None:
+    """The setting to search with (the module's docstring says the rule); None when
+    every setting rejected a good layer or had no defined tau."""
+    ok = [r for r in results if not r["false_rejections"] and r["kendall_tau"] is not None]
+    if not ok:
+        return None
+    n = ok[0]["n"]
+    resolution = 2 / (n * (n - 1) / 2)  # one discordant pair out of n(n-1)/2
+    best = max(r["kendall_tau"] for r in ok)
+    near = [r for r in ok if r["kendall_tau"] >= best - resolution - 1e-12]
+    return min(near, key=lambda r: (r["seconds_per_candidate"], -r["kendall_tau"]))
+
+
+def pareto_front(results: Sequence[dict]) -> list[dict]:
+    """Settings no other setting beats on both tau (higher) and cost (lower)."""
+    scored = [r for r in results if r["kendall_tau"] is not None]
+
+    def dominated(r: dict) -> bool:
+        return any(o["kendall_tau"] >= r["kendall_tau"]
+                   and o["seconds_per_candidate"] <= r["seconds_per_candidate"]
+                   and (o["kendall_tau"] > r["kendall_tau"]
+                        or o["seconds_per_candidate"] < r["seconds_per_candidate"])
+                   for o in scored)
+
+    return sorted((r for r in scored if not dominated(r)), key=lambda r: r["seconds_per_candidate"])
+
+
+def calibrate(panel: Panel, base: SearchConfig, out: Path, *, trials: int, space: SweepSpace,
+              backend, seed: int = 0,
+              progress: Callable[[str], None] = lambda line: None) -> dict:
+    """Score today's defaults and `trials` settings in all (finished ones count on resume);
+    write out/calibration.json and out/proxy_config.json; return the calibration."""
+    import optuna
+
+    out.mkdir(parents=True, exist_ok=True)
+    cache = EvaluationCache(out / "evaluations.jsonl")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        study_name="calibrate", storage=f"sqlite:///{out / 'study.db'}", load_if_exists=True,
+        directions=["maximize", "minimize"], sampler=optuna.samplers.TPESampler(seed=seed))
+    for stale in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        # a trial killed with the calibration: its finished layers are in the cache, and
+        # the same setting is asked for again
+        study.enqueue_trial(stale.params, user_attrs=dict(stale.user_attrs))
+        study.tell(stale.number, state=optuna.trial.TrialState.FAIL)
+    done = lambda: [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not study.trials:
+        study.enqueue_trial({}, user_attrs={"defaults": True})
+    while len(done()) < trials + 1:
+        trial = study.ask()
+        setting = (setting_of(base) if trial.user_attrs.get("defaults")
+                   else space.suggest(trial))
+        progress(f"setting {trial.number}: {_describe(setting)}")
+        started = time.monotonic()
+        result = score_setting(panel, with_setting(base, setting), backend, cache, progress)
+        trial.set_user_attr("result", {k: v for k, v in result.items() if k != "layers"})
+        trial.set_user_attr("wall_seconds", time.monotonic() - started)
+        tau = result["kendall_tau"]
+        study.tell(trial, [-1.0 if tau is None else tau, result["seconds_per_candidate"]])
+    results = [{"trial": t.number, "defaults": bool(t.user_attrs.get("defaults")),
+                **t.user_attrs["result"]} for t in done()]
+    pick = chosen(results)
+    calibration = {"dataset": panel.dataset, "archs": list(base.archs), "panel": panel.source,
+                   "panel_layers": sorted(panel.outcome), "results": results,
+                   "pareto_front": [r["trial"] for r in pareto_front(results)],
+                   "chosen": None if pick is None else pick["trial"]}
+    _write_json(out / "calibration.json", calibration)
+    if pick is not None:
+        _write_json(out / "proxy_config.json", proxy_config_file(calibration, pick))
+    return calibration
+
+
+def proxy_config_file(calibration: dict, pick: dict) -> dict:
+    """What `evonas search --proxy-config FILE` reads: the settings, and how they were
+    chosen, so a run folder's config says where its proxy came from."""
+    return {"format": 1, "dataset": calibration["dataset"], "archs": calibration["archs"],
+            "settings": pick["setting"], "kendall_tau": pick["kendall_tau"],
+            "spearman": pick["spearman"], "false_rejections": pick["false_rejections"],
+            "seconds_per_candidate": pick["seconds_per_candidate"],
+            "panel": calibration["panel"], "panel_layers": calibration["panel_layers"]}
+
+
+def _describe(setting: Mapping) -> str:
+    return (f"{setting['proxy_steps']} steps, batch {setting['proxy_batch_size']}, width "
+            f"{setting['proxy_width']}, lr {setting['proxy_lr']:.3g}, quality "
+            f">= {setting['quality_threshold']:.3g} at step {setting['quality_steps']}")
+
+
+def _write_json(path: Path, obj) -> None:
+    from evonas.search.runfolder import atomic_write_text
+
+    atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
+
+
+def format_results(calibration: dict) -> str:
+    front = set(calibration["pareto_front"])
+    lines = [f"{'':2}{'trial':>5} {'steps':>5} {'batch':>5} {'width':>5} {'lr':>7} {'q.step':>6} "
+             f"{'q.thr':>6} {'tau':>7} {'rho':>7} {'rej':>4} {'lost':>4} {'s/cand':>8}"]
+    for r in sorted(calibration["results"], key=lambda r: r["seconds_per_candidate"]):
+        s = r["setting"]
+        mark = ("*" if r["trial"] == calibration["chosen"] else "") + ("F" if r["trial"] in front else "")
+        tau = "n/a" if r["kendall_tau"] is None else f"{r['kendall_tau']:+.3f}"
+        rho = "n/a" if r["spearman"] is None else f"{r['spearman']:+.3f}"
+        lines.append(f"{mark:2}{r['trial']:>5} {s['proxy_steps']:>5} {s['proxy_batch_size']:>5} "
+                     f"{s['proxy_width']:>5} {s['proxy_lr']:>7.3g} {s['quality_steps']:>6} "
+                     f"{s['quality_threshold']:>6.3f} {tau:>7} {rho:>7} {len(r['rejected']):>4} "
+                     f"{len(r['false_rejections']):>4} {r['seconds_per_candidate']:>8.1f}"
+                     + ("  (today's defaults)" if r["defaults"] else ""))
+    lines.append("*: chosen; F: on the tau-vs-cost Pareto front; rej: panel layers the gates "
+                 "rejected; lost: of them, layers in the panel's top half")
+    return "\n".join(lines)
+
+
+__all__ = ["SweepSpace", "calibrate", "chosen", "format_results", "pareto_front",
+           "proxy_config_file", "score_setting", "setting_of", "with_setting"]

@@ -1,0 +1,113 @@
+"""`evonas calibrate`: which proxy setting ranks layers as full training does (evonas/calibrate/).
+
+Two steps, one command:
+    evonas calibrate --panel DIR --panel-from RUN   the layers `evonas train RUN` trained
+                                                    fully become the panel (DIR/panel.json)
+    evonas calibrate --panel DIR --out CAL          score today's proxy defaults and
+                                                    --trials other settings on the panel;
+                                                    print the tau-vs-cost table, write
+                                                    CAL/proxy_config.json
+and `evonas search --proxy-config CAL/proxy_config.json` searches with the chosen setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of whole "
+                                         f"numbers >= 1, e.g. 100,300")
+    return values
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    from evonas.calibrate.sweep import SweepSpace
+
+    space = SweepSpace()
+    p = sub.add_parser(
+        "calibrate", help="score proxy settings against layers trained fully (tau vs cost)",
+        description="Rank the layers of a reference panel (trained fully by `evonas train`) "
+        "with proxy settings, measure Kendall's tau and Spearman's rho over the whole panel "
+        "(rejected layers rank last), the good layers the gates reject, and the cost per "
+        "candidate; choose the cheapest setting that loses no good layer and is within one "
+        "discordant pair of the best tau. Re-run the same command to resume.")
+    p.add_argument("--panel", required=True, metavar="DIR", help="the panel folder (panel.json)")
+    p.add_argument("--panel-from", metavar="RUN", help="build the panel from the layers "
+                   "`evonas train RUN` trained fully, then stop unless --out is given")
+    p.add_argument("--out", metavar="DIR", help="calibration folder: study, evaluations, "
+                   "calibration.json, proxy_config.json")
+    p.add_argument("--trials", type=int, default=20,
+                   help="proxy settings to try besides today's defaults (20)")
+    p.add_argument("--space", default="norm_act", help="the search space the panel's "
+                   "layers belong to, for its group count (norm_act)")
+    p.add_argument("--archs", type=_names, help="proxy architectures, comma-separated "
+                   "(a search's default)")
+    p.add_argument("--data-dir", help="where the panel's dataset lies")
+    p.add_argument("--steps", type=_ints, default=space.steps, help="proxy step counts to "
+                   f"try ({','.join(map(str, space.steps))})")
+    p.add_argument("--batches", type=_ints, default=space.batches, help="proxy batch sizes "
+                   f"to try ({','.join(map(str, space.batches))})")
+    p.add_argument("--widths", type=_ints, default=space.widths, help="proxy widths to try "
+                   f"({','.join(map(str, space.widths))})")
+    p.add_argument("--workers", type=int, default=0, help="parallel evaluations on Ray "
+                   "(0: in this process)")
+    p.add_argument("--ray-address", help="a Ray cluster to run them on")
+    p.add_argument("--seed", type=int, default=0, help="the study's and the proxies' seed (0)")
+    p.set_defaults(run=_run, command="calibrate")
+
+
+def _run(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from evonas.calibrate.panel import load_panel, panel_from_run, write_panel
+    from evonas.calibrate.sweep import SweepSpace, calibrate, format_results
+    from evonas.errors import EvonasError
+    from evonas.proxy.data import ensure_dataset
+    from evonas.runtime import checks
+    from evonas.search.config import SearchConfig, StageConfig, proxy_sizes
+    from evonas.search.driver import make_backend
+
+    if args.panel_from:
+        panel = panel_from_run(args.panel_from)
+        path = write_panel(panel, args.panel)
+        print(f"panel of {len(panel.outcome)} layers written to {path}")
+        if not args.out:
+            return 0
+    elif not args.out:
+        raise EvonasError("--out DIR is needed to calibrate (or --panel-from RUN to build "
+                          "the panel only)")
+    checks.whole("--trials", args.trials, minimum=0)
+    panel = load_panel(args.panel)
+    ensure_dataset(panel.dataset, args.data_dir)
+    sizes, stage = proxy_sizes(panel.dataset, {})
+    base = SearchConfig(space=args.space, dataset=panel.dataset, data_dir=args.data_dir,
+                        seed=args.seed, workers=args.workers, ray_address=args.ray_address,
+                        stages=StageConfig(**stage), **sizes,
+                        **({"archs": args.archs} if args.archs else {}))
+    base.validate_parts()
+    space = dataclasses.replace(SweepSpace(), steps=args.steps, batches=args.batches,
+                                widths=args.widths)
+    with make_backend(base) as backend:
+        result = calibrate(panel, base, Path(args.out), trials=args.trials, space=space,
+                           backend=backend, seed=args.seed,
+                           progress=lambda line: print(line, file=sys.stderr, flush=True))
+    print(format_results(result))
+    if result["chosen"] is None:
+        print("no setting kept every good panel layer and ranked the panel; widen the "
+              "settings (--steps, --widths) or raise --trials", file=sys.stderr)
+        return 1
+    print(f"chosen setting written to {Path(args.out) / 'proxy_config.json'}; search with "
+          f"`evonas search --proxy-config {Path(args.out) / 'proxy_config.json'}`")
+    return 0

@@ -1,0 +1,174 @@
+"""Proxy calibration (evonas/calibrate/): whole-panel agreement computed by hand, then the
+real chain on synthetic data: a search, `evonas train` (Ray Tune), the panel built from
+it, and `evonas calibrate` scoring proxy settings on it and resuming without redoing work.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from evonas.calibrate.agreement import agreement, ranks, spearman, whole_panel_scores
+from evonas.calibrate.sweep import chosen, pareto_front
+from evonas.cli import main
+
+
+# --- agreement, by hand ----------------------------------------------------------------
+
+FULL = {"a": 0.9, "b": 0.8, "c": 0.7, "d": 0.6}
+
+
+def test_a_proxy_that_ranks_like_full_training_scores_one():
+    got = agreement(FULL, {"a": 0.4, "b": 0.3, "c": 0.2, "d": 0.1})
+    assert got["kendall_tau"] == pytest.approx(1.0) and got["spearman"] == pytest.approx(1.0)
+    assert got["rejected"] == [] and got["false_rejections"] == []
+
+
+def test_rejected_layers_rank_below_every_kept_one_and_count_against_the_proxy():
+    # Kept alone, b, c, d are in full training's order (tau 1 over them); a, the best
+    # layer, was rejected: it ranks last, and the whole-panel tau says so.
+    got = agreement(FULL, {"a": None, "b": 0.3, "c": 0.2, "d": 0.1})
+    # pairs: (a,b) (a,c) (a,d) discordant, the other three concordant: (3 - 3) / 6
+    assert got["kendall_tau"] == pytest.approx(0.0)
+    assert got["rejected"] == ["a"] and got["false_rejections"] == ["a"]
+    assert got["false_rejection_rate"] == pytest.approx(0.5)  # a of the good half {a, b}
+    # Two rejected layers tie: tau-b's tie correction applies on the proxy's side.
+    tied = agreement(FULL, {"a": 0.3, "b": 0.2, "c": None, "d": None})
+    assert tied["kendall_tau"] == pytest.approx(5 / (5 * 6) ** 0.5)
+    assert tied["false_rejections"] == []
+
+
+def test_ranks_and_spearman_with_ties():
+    assert ranks([10.0, 30.0, 20.0, 20.0]) == [1.0, 4.0, 2.5, 2.5]
+    assert spearman([1.0, 2.0, 3.0], [3.0, 2.0, 1.0]) == pytest.approx(-1.0)
+    assert spearman([1.0, 1.0, 1.0], [3.0, 2.0, 1.0]) is None
+    scores = whole_panel_scores({"x": 0.2, "y": None, "z": -0.5})
+    assert scores["y"] < scores["z"] < scores["x"]
+
+
+def _result(trial, tau, cost, lost=()):
+    return {"trial": trial, "kendall_tau": tau, "seconds_per_candidate": cost, "n": 6,
+            "false_rejections": list(lost), "spearman": tau, "rejected": list(lost)}
+
+
+def test_the_chosen_setting_loses_no_good_layer_and_is_the_cheapest_near_the_best_tau():
+    results = [_result(0, 0.80, 10.0), _result(1, 0.75, 4.0),  # within one pair (2/15)
+               _result(2, 0.60, 1.0), _result(3, 0.95, 0.5, lost=["a"])]
+    assert chosen(results)["trial"] == 1
+    assert [r["trial"] for r in pareto_front(results)] == [3]  # cheapest and best tau
+    assert chosen([_result(0, 0.9, 1.0, lost=["a"])]) is None
+
+
+# --- the chain on synthetic data ---------------------------------------------------------
+
+SEARCH = ["--space", "norm_act_s", "--budget", "4evals", "--workers", "0", "--dataset",
+          "synthetic", "--archs", "resnet", "--proxy-steps", "12", "--quality-steps", "6",
+          "--quality-threshold", "0.05", "--proxy-batch", "32", "--proxy-width", "8",
+          "--stability-steps", "2", "--population", "4", "--tournament", "2"]
+
+
+def _evonas(*args, cwd):
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "evonas", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_panel_from_a_full_training_then_calibration_that_resumes_without_redoing(tmp_path):
+    assert _evonas("search", *SEARCH, "--out", "run", cwd=tmp_path).returncode == 0
+    trained = _evonas("train", "run", "--top", "1", "--baselines", "bn_relu,gn_relu",
+                      "--archs", "resnet20", "--steps", "4", "--reports", "2", "--width", "4",
+                      "--batch-sizes", "16", "--seeds", "1", "--trials-per-layer", "1",
+                      "--workers", "2", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    built = _evonas("calibrate", "--panel", "panel", "--panel-from", "run", cwd=tmp_path)
+    assert built.returncode == 0, built.stderr
+    panel = json.loads((tmp_path / "panel" / "panel.json").read_text())
+    board = json.loads((tmp_path / "run" / "fulltrain" / "leaderboard.json").read_text())
+    assert {name: v["score"] for name, v in panel["layers"].items()} == pytest.approx(
+        {r["layer"]: r["mean"] for r in board})
+    assert {"bn_relu", "gn_relu"} <= set(panel["layers"]) and len(panel["layers"]) == 3
+
+    flags = ["calibrate", "--panel", "panel", "--out", "cal", "--trials", "1", "--archs",
+             "resnet", "--steps", "6,8", "--batches", "16", "--widths", "4"]
+    first = _evonas(*flags, cwd=tmp_path)
+    assert first.returncode in (0, 1), first.stderr[-3000:]
+    cal = json.loads((tmp_path / "cal" / "calibration.json").read_text())
+    assert len(cal["results"]) == 2 and sum(r["defaults"] for r in cal["results"]) == 1
+    lines = (tmp_path / "cal" / "evaluations.jsonl").read_text().splitlines()
+    assert len(lines) == 6  # 3 layers x 2 settings
+    # Every result's tau is the whole-panel agreement of what its evaluations found.
+    by_setting = {}
+    for rec in map(json.loads, lines):
+        by_setting.setdefault(rec["setting"], {})[rec["layer"]] = rec["fitness"]
+    outcome = {name: v["score"] for name, v in panel["layers"].items()}
+    taus = sorted((agreement(outcome, proxy)["kendall_tau"] or -9) for proxy in by_setting.values())
+    assert taus == pytest.approx(sorted((r["kendall_tau"] or -9) for r in cal["results"]))
+    if first.returncode == 0:
+        config = json.loads((tmp_path / "cal" / "proxy_config.json").read_text())
+        pick = next(r for r in cal["results"] if r["trial"] == cal["chosen"])
+        assert config["settings"] == pick["setting"] and not pick["false_rejections"]
+    else:
+        assert all(r["false_rejections"] or r["kendall_tau"] is None for r in cal["results"])
+
+    again = _evonas(*flags, cwd=tmp_path)  # resumed: nothing re-evaluated
+    assert again.returncode == first.returncode
+    assert (tmp_path / "cal" / "evaluations.jsonl").read_text().splitlines() == lines
+
+
+def test_a_missing_panel_is_one_line_and_writes_nothing(tmp_path, capsys):
+    assert main(["calibrate", "--panel", str(tmp_path / "none"), "--out",
+                 str(tmp_path / "cal")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "panel-from RUN" in err
+    assert not (tmp_path / "cal").exists()
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "panel.json").write_text('{"format": 1, "dataset": "synthetic", '
+                                                 '"layers": {"x": {"score": 1, "genome": '
+                                                 '{"nodes": [["__import__", 0]]}}}}')
+    assert main(["calibrate", "--panel", str(tmp_path / "bad"), "--out",
+                 str(tmp_path / "cal")]) == 2
+    err = capsys.readouterr().err  # the genome's loader names the layer and the problem
+    assert err.count("\n") == 1 and "panel.json:x:" in err, err
+    assert not (tmp_path / "cal").exists()
+
+
+# --- a calibration's settings in a search ----------------------------------------------------
+
+def _proxy_config(path, **over):
+    data = {"format": 1, "dataset": "synthetic", "archs": ["resnet"],
+            "settings": {"proxy_steps": 10, "proxy_batch_size": 16, "proxy_width": 4,
+                         "proxy_lr": 0.05, "quality_steps": 5, "quality_threshold": 0.05},
+            "kendall_tau": 0.7, "panel": "p", "panel_layers": ["a", "b"], **over}
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def test_a_search_takes_the_calibrated_settings_under_its_own_flags(tmp_path):
+    cal = _proxy_config(tmp_path / "proxy_config.json")
+    assert main(["search", "--space", "norm_act_s", "--budget", "1evals", "--workers", "0",
+                 "--dataset", "synthetic", "--proxy-config", cal, "--proxy-width", "8",
+                 "--population", "4", "--tournament", "2", "--out", str(tmp_path / "run")]) == 0
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (config["proxy_steps"], config["proxy_batch_size"], config["proxy_lr"]) == (10, 16, 0.05)
+    assert config["proxy_width"] == 8  # the flag wins over the calibration
+    assert (config["stages"]["quality_steps"], config["stages"]["quality_threshold"]) == (5, 0.05)
+    assert config["archs"] == ["resnet"] and config["proxy_config"] == cal
+
+
+@pytest.mark.parametrize("over, flags, message", [
+    ({"dataset": "cifar10"}, [], "was calibrated on --dataset cifar10"),
+    ({}, ["--archs", "mobilenetv2"], "was calibrated on --archs resnet"),
+    ({"settings": {"proxy_depth": 3}}, [], "'proxy_depth', which is not a proxy setting"),
+    ({"settings": None}, [], "is not a calibration's proxy_config.json"),
+])
+def test_a_proxy_config_that_does_not_fit_is_one_line_and_writes_nothing(
+        tmp_path, capsys, over, flags, message):
+    cal = _proxy_config(tmp_path / "proxy_config.json", **over)
+    assert main(["search", "--budget", "1evals", "--dataset", "synthetic", "--proxy-config",
+                 cal, *flags, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "run").exists()
