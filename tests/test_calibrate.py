@@ -78,7 +78,12 @@ def _evonas(*args, cwd):
 @pytest.mark.slow
 def test_panel_from_a_full_training_then_calibration_that_resumes_without_redoing(tmp_path):
     assert _evonas("search", *SEARCH, "--out", "run", cwd=tmp_path).returncode == 0
-    trained = _evonas("train", "run", "--top", "1", "--baselines", "bn_relu,gn_relu",
+    # A panel's layer of no search or zoo, as a genome file: x * sigmoid(x).
+    swish = {"format": "evonas.genome/1", "output": "n2",
+             "nodes": [{"id": "n1", "op": "sigmoid", "inputs": ["x"]},
+                       {"id": "n2", "op": "mul", "inputs": ["x", "n1"]}]}
+    (tmp_path / "swish.json").write_text(json.dumps(swish))
+    trained = _evonas("train", "run", "--top", "1", "--baselines", "bn_relu,gn_relu,swish.json",
                       "--archs", "resnet20", "--steps", "4", "--reports", "2", "--width", "4",
                       "--batch-sizes", "16", "--seeds", "1", "--trials-per-layer", "1",
                       "--workers", "2", cwd=tmp_path)
@@ -89,7 +94,8 @@ def test_panel_from_a_full_training_then_calibration_that_resumes_without_redoin
     board = json.loads((tmp_path / "run" / "fulltrain" / "leaderboard.json").read_text())
     assert {name: v["score"] for name, v in panel["layers"].items()} == pytest.approx(
         {r["layer"]: r["mean"] for r in board})
-    assert {"bn_relu", "gn_relu"} <= set(panel["layers"]) and len(panel["layers"]) == 3
+    assert {"bn_relu", "gn_relu", "swish"} <= set(panel["layers"]) and len(panel["layers"]) == 4
+    assert panel["layers"]["swish"]["genome"]["nodes"] == swish["nodes"]
 
     flags = ["calibrate", "--panel", "panel", "--out", "cal", "--trials", "1", "--archs",
              "resnet", "--steps", "6,8", "--batches", "16", "--widths", "4"]
@@ -98,7 +104,7 @@ def test_panel_from_a_full_training_then_calibration_that_resumes_without_redoin
     cal = json.loads((tmp_path / "cal" / "calibration.json").read_text())
     assert len(cal["results"]) == 2 and sum(r["defaults"] for r in cal["results"]) == 1
     lines = (tmp_path / "cal" / "evaluations.jsonl").read_text().splitlines()
-    assert len(lines) == 6  # 3 layers x 2 settings
+    assert len(lines) == 8  # 4 layers x 2 settings
     # Every result's tau is the whole-panel agreement of what its evaluations found.
     by_setting = {}
     for rec in map(json.loads, lines):

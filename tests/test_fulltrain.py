@@ -229,6 +229,8 @@ def test_grouped_asha_compares_a_trial_only_with_its_own_group():
 
 @pytest.mark.parametrize("flags, message", [
     (["--archs", "resnet99"], "unknown architecture 'resnet99'"),
+    (["--baselines", "bn_relu,nope"], "unknown zoo layer 'nope'"),
+    (["--baselines", "missing.json"], "missing.json: cannot read genome file"),
     (["--batch-sizes", "128,0"], "--batch-sizes: a batch size must be a whole number >= 1"),
     (["--gpus-per-trial", "0.3"], "does not split a GPU evenly"),
     (["--budget", "5evals"], "cannot bound full training"),
@@ -425,7 +427,7 @@ def test_killed_driver_resumes_the_stage_without_redoing_finished_trials(run_cop
     driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True, env=env)
     tune_dir = run_copy / "fulltrain" / "tune"
-    finished, deadline = set(), time.monotonic() + 240
+    finished, deadline = set(), time.monotonic() + 600  # a slow, shared machine included
     try:
         while len(finished) < 2 and driver.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)

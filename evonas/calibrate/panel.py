@@ -63,6 +63,7 @@ def panel_from_run(run_path: str | Path) -> Panel:
         if len({(r["arch"], r["batch_size"]) for r in got}) != len(settings):
             continue
         genome = (zoo.get(cid.split(":", 1)[1]) if cid.startswith("zoo:")
+                  else Genome.load(cid.split(":", 1)[1]) if cid.startswith("file:")
                   else Genome.from_dict(run.state.candidates[cid].genome))
         genomes[name] = genome.to_dict()
         outcome[name] = sum(r["mean"] for r in got) / len(got)

@@ -50,8 +50,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    "calibration.json, proxy_config.json")
     p.add_argument("--trials", type=int, default=20,
                    help="proxy settings to try besides today's defaults (20)")
-    p.add_argument("--space", default="norm_act", help="the search space the panel's "
-                   "layers belong to, for its group count (norm_act)")
+    p.add_argument("--space", help="the search space the panel's layers belong to, for "
+                   "its group count (a search's default)")
     p.add_argument("--archs", type=_names, help="proxy architectures, comma-separated "
                    "(a search's default)")
     p.add_argument("--data-dir", help="where the panel's dataset lies")
@@ -76,9 +76,11 @@ def _run(args: argparse.Namespace) -> int:
     from evonas.errors import EvonasError
     from evonas.proxy.data import ensure_dataset
     from evonas.runtime import checks
-    from evonas.search.config import SearchConfig, StageConfig, proxy_sizes
+    from evonas.layers.space import load_space
+    from evonas.search.config import SearchConfig, StageConfig, default_archs, proxy_sizes
     from evonas.search.driver import make_backend
 
+    checks.whole("--trials", args.trials, minimum=0)
     if args.panel_from:
         panel = panel_from_run(args.panel_from)
         path = write_panel(panel, args.panel)
@@ -88,19 +90,19 @@ def _run(args: argparse.Namespace) -> int:
     elif not args.out:
         raise EvonasError("--out DIR is needed to calibrate (or --panel-from RUN to build "
                           "the panel only)")
-    checks.whole("--trials", args.trials, minimum=0)
     panel = load_panel(args.panel)
     ensure_dataset(panel.dataset, args.data_dir)
-    sizes, stage = proxy_sizes(panel.dataset, {})
-    base = SearchConfig(space=args.space, dataset=panel.dataset, data_dir=args.data_dir,
+    space = args.space or SearchConfig.space
+    archs = args.archs or default_archs(load_space(space))
+    sizes, stage = proxy_sizes(panel.dataset, {}, archs)
+    base = SearchConfig(space=space, archs=archs, dataset=panel.dataset, data_dir=args.data_dir,
                         seed=args.seed, workers=args.workers, ray_address=args.ray_address,
-                        stages=StageConfig(**stage), **sizes,
-                        **({"archs": args.archs} if args.archs else {}))
+                        stages=StageConfig(**stage), **sizes)
     base.validate_parts()
-    space = dataclasses.replace(SweepSpace(), steps=args.steps, batches=args.batches,
-                                widths=args.widths)
+    choices = dataclasses.replace(SweepSpace(), steps=args.steps, batches=args.batches,
+                                  widths=args.widths)
     with make_backend(base) as backend:
-        result = calibrate(panel, base, Path(args.out), trials=args.trials, space=space,
+        result = calibrate(panel, base, Path(args.out), trials=args.trials, space=choices,
                            backend=backend, seed=args.seed,
                            progress=lambda line: print(line, file=sys.stderr, flush=True))
     print(format_results(result))

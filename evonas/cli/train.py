@@ -78,8 +78,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir", metavar="RUN", help="the search's run folder")
     what = p.add_argument_group("what to train")
     what.add_argument("--top", type=int, help=f"best survivors of the search ({_default('top')})")
-    what.add_argument("--baselines", type=_names, help=f"zoo layers, comma-separated, '' for "
-                      f"none ({_default('baselines')})")
+    what.add_argument("--baselines", type=_names,
+                      help=f"zoo layers or genome files (NAME.json, e.g. a calibration "
+                      f"panel's random or found layers), comma-separated, '' for none "
+                      f"({_default('baselines')})")
     what.add_argument("--archs", type=_names,
                       help=f"architectures, comma-separated ({_default('archs')})")
     what.add_argument("--batch-sizes", type=_ints,

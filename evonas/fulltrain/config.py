@@ -22,6 +22,7 @@ under one of them is seen to.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from typing import Any, Mapping
 
@@ -125,6 +126,10 @@ class FullTrainConfig:
                      "optimizers"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, tuple(getattr(self, name)))
+        # A genome file's absolute path: the stage's config.json is read back on resume,
+        # and the trials read the genome, from wherever they run.
+        object.__setattr__(self, "baselines", tuple(
+            os.path.abspath(b) if is_genome_file(b) else b for b in self.baselines))
         self._check_plan()
         self._check_length()
         self._check_hyperparameters()
@@ -218,7 +223,11 @@ class FullTrainConfig:
 
         checks.archs("--archs", self.archs)
         for name in self.baselines:
-            checks.known("--baselines", name, zoo.names(), "zoo layer")
+            if is_genome_file(name):
+                baseline_genome(name)  # a malformed file fails here, in one line
+            elif name not in zoo.names():
+                raise EvonasError(f"--baselines: unknown zoo layer {name!r}; use any of "
+                                  f"{', '.join(zoo.names())}, or a genome file NAME.json")
         checks.dataset("--dataset", self.dataset)
         if self.budget is not None:
             from evonas.search.budget import parse_budget
@@ -270,6 +279,21 @@ class FullTrainConfig:
             raise EvonasError(f"unknown full-training setting {unknown[0]!r}; known: "
                               f"{', '.join(sorted(known))}")
         return cls(**dict(data))
+
+
+def is_genome_file(name: str) -> bool:
+    """A --baselines entry that names a genome file rather than a zoo layer."""
+    return name.endswith(".json")
+
+
+def baseline_genome(name: str):
+    """A baseline's genome: a zoo layer by name, or a genome file (read as data, never
+    run). Files let a stage train layers of no search, such as a calibration panel's
+    random and found layers (evonas calibrate)."""
+    from evonas.layers import zoo
+    from evonas.layers.genome import Genome
+
+    return Genome.load(name) if is_genome_file(name) else zoo.get(name)
 
 
 def for_search(search_config: Any, budget: str | None = None, **overrides: Any) -> FullTrainConfig:

@@ -100,6 +100,11 @@ def plan_layers(run: Run, config: FullTrainConfig) -> list[Layer]:
     layers = [Layer(c.candidate_id, c.candidate_id, c.genome, None, mean_fitness(ev))
               for c, ev in run.leaderboard(config.top)]
     layers += [_baseline(run, name) for name in config.baselines]
+    seen = [layer.name for layer in layers]
+    twice = sorted({n for n in seen if seen.count(n) > 1})
+    if twice:  # a genome file named like a zoo layer or a candidate id
+        raise EvonasError(f"two layers to train are named {twice[0]!r}; rename the genome "
+                          f"file ({twice[0]}.json) so each layer has a name of its own")
     if not layers:
         raise EvonasError(f"{run.path}: no survivor to train yet and no --baselines; wait "
                           f"for the search, or name zoo layers with --baselines")
@@ -107,16 +112,19 @@ def plan_layers(run: Run, config: FullTrainConfig) -> list[Layer]:
 
 
 def _baseline(run: Run, name: str) -> Layer:
-    """A zoo layer, with the proxy fitness of an equivalent layer the search scored."""
-    from evonas.layers import zoo
+    """A zoo layer or a genome file's layer (named by the file's stem), with the proxy
+    fitness of an equivalent layer the search scored."""
+    from evonas.fulltrain.config import baseline_genome, is_genome_file
     from evonas.layers.fingerprint import functional_fingerprint
     from evonas.search.records import SURVIVOR
 
-    genome = zoo.get(name)
+    genome = baseline_genome(name)
     scored = run.state.fingerprints.get(functional_fingerprint(genome))
     ev = run.state.evaluations.get(scored) if scored else None
     fitness = (sum(ev.fitness.values()) / len(ev.fitness)
                if ev is not None and ev.status == SURVIVOR and ev.fitness else None)
+    if is_genome_file(name):
+        return Layer(Path(name).stem, f"file:{name}", genome.to_dict(), None, fitness)
     return Layer(name, f"zoo:{name}", genome.to_dict(), name, fitness)
 
 
@@ -284,7 +292,8 @@ class Stage(StageHooks):
 
         scores = self.state.setdefault("proxy", {})
         todo = [layer for layer in self.layers
-                if layer.zoo and layer.proxy_fitness is None and layer.name not in scores]
+                if layer.candidate_id.startswith(("zoo:", "file:"))
+                and layer.proxy_fitness is None and layer.name not in scores]
         if not todo:
             return
         search = self.run.config.to_dict()
@@ -293,7 +302,7 @@ class Stage(StageHooks):
                       gpus_per_eval=self.config.gpus_per_trial)
         tasks = {layer.name: (_evaluate_candidate, {
             "candidate": Candidate(f"zoo_{layer.name}", layer.genome, None,
-                                   f"zoo:{layer.name}").to_dict(), "config": search})
+                                   layer.candidate_id).to_dict(), "config": search})
             for layer in todo}
         shape = trial_shape(self.config)
         workers = min(len(tasks), self.config.workers or fitting(shape))
@@ -552,6 +561,7 @@ def check_task_fits(space_name: str, config: FullTrainConfig) -> None:
     """The architectures take the layers of the search's space and read the dataset, and
     the baselines are layers of its layout: a conv layer in a transformer (or the other
     way round) fails here, in one line, before anything is written."""
+    from evonas.fulltrain.config import baseline_genome
     from evonas.layers import zoo
     from evonas.layers.space import load_space
     from evonas.search.config import check_task
@@ -559,7 +569,7 @@ def check_task_fits(space_name: str, config: FullTrainConfig) -> None:
     space = load_space(space_name)
     check_task(space, config.archs, config.dataset, search=False)
     for name in config.baselines:
-        layout = zoo.get(name).layout
+        layout = baseline_genome(name).layout
         if layout != space.layout:
             fit = ", ".join(zoo.names(space.layout))
             raise EvonasError(f"--baselines {name} is a layer for {layout} activations, but "
