@@ -147,6 +147,8 @@ def _show_candidate(path: str, cid: str) -> None:
         print("proxy fitness: " + ", ".join(
             f"{a} {v:.4f} ({-v:.4f} bits per character)" if a in TEXT_ARCHS
             else f"{a} {v:.4f} (accuracy)" for a, v in ev.fitness.items()))
+    for line in _rung_lines(run, cand.candidate_id):
+        print(line)
     cost = ", ".join(f"{stage} {sec:.1f}s" for stage, sec in ev.stage_seconds.items())
     print(f"cost: {cost}")
     lineage = []
@@ -154,6 +156,28 @@ def _show_candidate(path: str, cid: str) -> None:
         lineage.append(f"{cand.candidate_id} ({cand.mutation})")
         cand = run.state.candidates.get(cand.parent_id) if cand.parent_id else None
     print("lineage: " + " <- ".join(lineage))
+
+
+def _rung_lines(run, cid: str) -> list[str]:
+    """The candidate's scores on the fidelity ladder beyond the proxy, one line a rung:
+    the mean over the seeds trained and, for several, their spread."""
+    results = run.state.rungs.get(cid, {})
+    lines = []
+    for steps in sorted({s for c, s in run.state.promoted if c == cid} | set(results)):
+        r = results.get(steps)
+        if r is None:
+            lines.append(f"rung {steps} steps: promoted, not trained yet")
+        elif not r.fitness:
+            lines.append(f"rung {steps} steps: failed ({r.reason}), {r.seconds:.1f}s")
+        else:
+            spread = r.spread()
+            lines.append(f"rung {steps} steps: " + ", ".join(
+                f"{a} {v:.4f}" + (f" (mean of {len(r.scores[a])} seeds, std "
+                                  f"{spread[a]['std']:.4f}, {spread[a]['min']:.4f}-"
+                                  f"{spread[a]['max']:.4f})" if len(r.scores.get(a, [])) > 1
+                                  else "")
+                for a, v in r.fitness.items()) + f", {r.seconds:.1f}s")
+    return lines
 
 
 def run_export(args) -> int:

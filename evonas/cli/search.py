@@ -17,6 +17,13 @@ def _archs(text: str) -> tuple[str, ...]:
     return tuple(a.strip() for a in text.split(",") if a.strip())
 
 
+def _steps(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give step counts, e.g. 300,1200,4800") from None
+
+
 def _size_help(name: str) -> str:
     # Read off the config (a light import), so the help cannot drift from the defaults.
     from evonas.search.config import TASK_DEFAULTS, size_default
@@ -49,7 +56,9 @@ FIELDS = {"space": "space", "dataset": "dataset", "data_dir": "data_dir", "seed"
           "cpus_per_eval": "cpus_per_eval", "gpus_per_eval": "gpus_per_eval",
           "eval_time_limit": "eval_time_limit_s", "ray_address": "ray_address",
           "tracking_uri": "tracking_uri", "report_every": "report_every_s",
-          "full_train_top": "full_train_top", "search_share": "search_share"}
+          "full_train_top": "full_train_top", "search_share": "search_share",
+          "promote_fraction": "promote_fraction", "rung_min_population": "rung_min_population",
+          "top_rung_seeds": "top_rung_seeds"}
 STAGE_FIELDS = {"stability_threshold": "stability_threshold"}
 # Flags whose default depends on the task (config.TASK_DEFAULTS: dataset and proxy family).
 SIZES = {"proxy_steps": "proxy_steps", "proxy_batch": "proxy_batch_size",
@@ -96,6 +105,19 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    "calibrate` (its proxy_config.json) in place of the task's defaults; "
                    "a proxy flag given wins over it; its architectures unless --archs names "
                    "the same")
+    p.add_argument("--rungs", type=_steps, metavar="STEPS",
+                   help="fidelity ladder: training lengths, e.g. 300,1200,4800; the first is "
+                   "the proxy's (it sets --proxy-steps), the others train promoted candidates "
+                   "again (default: none)")
+    p.add_argument("--promote-fraction", type=float, metavar="F",
+                   help=f"share of a rung's scores that climb to the next; "
+                   f"{_default('promote_fraction')}")
+    p.add_argument("--rung-min-population", type=int, metavar="N",
+                   help=f"scores a rung holds before it promotes any; "
+                   f"{_default('rung_min_population')}")
+    p.add_argument("--top-rung-seeds", type=int, metavar="N",
+                   help=f"seeds the top rung trains, its score their mean; "
+                   f"{_default('top_rung_seeds')}")
     p.add_argument("--quality-steps", type=int, help=_size_help("quality_steps"))
     p.add_argument("--quality-threshold", type=float,
                    help="reject below this validation accuracy, or above this many bits per "
@@ -161,6 +183,11 @@ def _config(args):
                                                                        SearchConfig.space)))
     sizes, stage_sizes = proxy_sizes(dataset, {SIZES[f]: getattr(args, f) for f in SIZES},
                                      archs, calibrated)
+    if args.rungs is not None:
+        # The first rung is the proxy: it sets the proxy's steps (SearchConfig checks both).
+        fields["rungs"] = args.rungs
+        if args.proxy_steps is None and args.rungs:
+            sizes["proxy_steps"] = args.rungs[0]
     stages = StageConfig(**_given(args, STAGE_FIELDS), **stage_sizes)
     return SearchConfig(budget=args.budget, **fields, **sizes, full_train=_full_train(args),
                         stages=stages)
@@ -181,7 +208,7 @@ def run_search(args) -> int:
 
     if args.resume:
         given = [f for f in ("out", *FIELDS, *STAGE_FIELDS, *SIZES, "full_train_config",
-                             "proxy_config")
+                             "proxy_config", "rungs")
                  if getattr(args, f) is not None]
         if given:
             raise EvonasError(f"--resume continues with the run's own settings; drop "
@@ -222,8 +249,6 @@ def run_top(args) -> int:
     from evonas.layers import symbolic
     from evonas.layers.genome import Genome
     from evonas.search.results import load_run
-    from evonas.search.state import mean_fitness
-
     run = load_run(args.run_dir)
     archs = list(run.config.archs)
     counts = run.counts()
@@ -234,10 +259,16 @@ def run_top(args) -> int:
         parts.append("rejected at " + ", ".join(f"{k} {v}" for k, v in stages.items()))
     print(f"{args.run_dir}: {sum(counts.values())} evaluated; "
           + "; ".join(p for p in parts if p))
-    print(f"{'rank':>4}  {'id':<8} {'mean':>6}  " + "  ".join(f"{a[:12]:>12}" for a in archs)
-          + "  formula")
+    # On a ladder the scores are those at the highest rung reached (its steps shown),
+    # which is what the leaderboard ranks by.
+    ladder = run.config.ladder
+    print(f"{'rank':>4}  {'id':<8} " + (f"{'steps':>6} " if ladder else "") + f"{'mean':>6}  "
+          + "  ".join(f"{a[:12]:>12}" for a in archs) + "  formula")
     for rank, (cand, ev) in enumerate(run.leaderboard(args.n), 1):
         formula = symbolic.formula(Genome.from_dict(cand.genome)).replace("\n", "; ")
-        print(f"{rank:>4}  {cand.candidate_id:<8} {mean_fitness(ev):>6.4f}  "
-              + "  ".join(f"{ev.fitness[a]:>12.4f}" for a in archs) + f"  {formula}")
+        steps, fitness = run.state.score(ev)
+        shown = f"{steps or run.config.rungs[0]:>6} " if ladder else ""
+        print(f"{rank:>4}  {cand.candidate_id:<8} {shown}"
+              f"{sum(fitness.values()) / len(fitness):>6.4f}  "
+              + "  ".join(f"{fitness[a]:>12.4f}" for a in archs) + f"  {formula}")
     return 0

@@ -188,6 +188,15 @@ class SearchConfig:
     proxy_lr: float = 0.1
     proxy_width: int = 16
     proxy_eval_size: int | None = 2000
+    # The fidelity ladder (driver.py): training lengths, strictly increasing, the first
+    # the proxy's own (proxy_steps); empty: no ladder. A candidate whose mean fitness at a
+    # rung is among the best promote_fraction of that rung's scores (once the rung holds
+    # rung_min_population of them) trains again at the next rung; the top rung trains
+    # top_rung_seeds seeds and scores their mean.
+    rungs: tuple[int, ...] = ()
+    promote_fraction: float = 0.25
+    rung_min_population: int = 4
+    top_rung_seeds: int = 1
     workers: int = 1
     cpus_per_eval: float = 1.0
     gpus_per_eval: float = 0.0
@@ -235,6 +244,7 @@ class SearchConfig:
         if self.tournament_size > self.population_size:
             raise EvonasError(f"--tournament {self.tournament_size} is larger than --population "
                               f"{self.population_size}; use at most the population size")
+        self._check_ladder()  # before the quality check, whose message names --proxy-steps
         if self.stages.quality_steps > self.proxy_steps:
             raise EvonasError(f"quality check at step {self.stages.quality_steps} comes after the "
                               f"proxy's {self.proxy_steps} steps; raise --proxy-steps")
@@ -246,6 +256,33 @@ class SearchConfig:
                 self.search_share, (int, float)) or not 0 < self.search_share < 1:
             raise EvonasError(f"--search-share must lie strictly between 0 and 1, got "
                               f"{self.search_share!r} (0.8: 80% search, the rest full training)")
+
+    def _check_ladder(self) -> None:
+        if isinstance(self.promote_fraction, bool) or not isinstance(
+                self.promote_fraction, (int, float)) or not 0 < self.promote_fraction <= 1:
+            raise EvonasError(f"--promote-fraction must lie in (0, 1], got "
+                              f"{self.promote_fraction!r} (0.25: a rung's top quarter climbs)")
+        checks.whole("--rung-min-population", self.rung_min_population, minimum=1)
+        checks.whole("--top-rung-seeds", self.top_rung_seeds, minimum=1)
+        if not self.rungs:
+            return
+        if len(self.rungs) < 2 or not all(isinstance(r, int) and not isinstance(r, bool)
+                                          for r in self.rungs):
+            raise EvonasError(f"--rungs {_listed(self.rungs)}: give two or more step counts, "
+                              f"e.g. 300,1200,4800 (the first is the proxy's)")
+        if any(b <= a for a, b in zip(self.rungs, self.rungs[1:])):
+            raise EvonasError(f"--rungs {_listed(self.rungs)} must increase strictly, "
+                              f"e.g. 300,1200,4800")
+        if self.rungs[0] < self.stages.quality_steps:
+            raise EvonasError(f"--rungs {_listed(self.rungs)} starts below the quality check's "
+                              f"{self.stages.quality_steps} steps; start at or above it")
+        if self.rungs[0] != self.proxy_steps:
+            raise EvonasError(f"--rungs {_listed(self.rungs)} must start at the proxy's "
+                              f"{self.proxy_steps} steps (--proxy-steps); drop --proxy-steps")
+
+    @property
+    def ladder(self) -> bool:
+        return bool(self.rungs)
 
     @property
     def causal_proxy(self) -> bool:
@@ -273,6 +310,8 @@ class SearchConfig:
             stages["numeric_scales"] = tuple(stages["numeric_scales"])
         if "archs" in data:
             data["archs"] = tuple(data["archs"])
+        if "rungs" in data:
+            data["rungs"] = tuple(data["rungs"])
         return cls(stages=StageConfig(**stages), **data)
 
     def validate_parts(self) -> None:
@@ -354,6 +393,10 @@ def resolved_space(spec: str) -> str:
         return spec
     path = Path(spec)
     return str(path.resolve()) if path.is_file() else spec
+
+
+def _listed(values) -> str:
+    return ",".join(str(v) for v in values)
 
 
 def _positive_int(flag: str, value: Any) -> None:

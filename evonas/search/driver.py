@@ -22,6 +22,22 @@ more candidates finish per step, the more share one state.json: the commit costs
 per candidate when the driver is busiest.
 
 A duplicate whose equivalent is still being evaluated waits for it and takes its verdict.
+
+The fidelity ladder (SearchConfig.rungs, e.g. 300,1200,4800; empty: none). A survivor's
+proxy fitness is its score at rung 0. When a candidate's score at rung k arrives and the
+rung holds at least rung_min_population scores, it is promoted if its mean fitness is
+among the best promote_fraction of the rung's scores so far (state.clears_hurdle, ties
+toward the lower id); the scores that arrived before the rung filled are judged, in the
+order they arrived, when it fills. Each score is judged once, when it arrives, so a
+resume decides nothing again. A promotion is a journal line {"promote"} written in the
+step that judged it, and a worker task ("<id>@r<steps>") that trains the candidate again
+from scratch for the next rung's steps under the same common seed (the top rung on
+top_rung_seeds seeds), without the gates it passed; its result is a {"rung"} line, told
+to the controller (update), charged to stage "rung<steps>", and logged to the
+candidate's MLflow run as fitness.<arch>.r<steps>. Promotions go to workers before new
+proposals, under the budget as evaluations are (an evaluation-count budget counts
+candidates: their promotions still train); a resume trains the promotions decided but
+not finished. Duplicates share their original's ladder and do not climb one of their own.
 """
 
 from __future__ import annotations
@@ -44,10 +60,11 @@ from evonas.search.config import SearchConfig
 from evonas.search.evolution import (EvolutionConfig, GenomeOps, RandomSearch, RegularizedEvolution,
                                      load_controller)
 from evonas.search.progress import Progress
-from evonas.search.records import DUPLICATE, FAILED, REJECTED, SURVIVOR, Candidate, Evaluation
+from evonas.search.records import (DUPLICATE, FAILED, REJECTED, SURVIVOR, Candidate, Evaluation,
+                                   RungResult)
 from evonas.search.rejection import numeric_check, static_check
 from evonas.search.runfolder import RunFolder
-from evonas.search.state import LEGACY_FORMAT, Journal, SearchState, outcome, rank_key
+from evonas.search.state import LEGACY_FORMAT, Journal, SearchState, outcome
 
 # Seconds a worker may overrun the evaluation's own time limit before the engine kills it:
 # the worker's soft limit reports a clean "failed" record first.
@@ -122,6 +139,23 @@ class Search:
         self.ready: list[Candidate] = []  # checked, waiting for a worker slot
         # Finished this step, in the journal, not yet committed by state.json nor logged.
         self._uncommitted: list[tuple[Candidate, Evaluation]] = []
+        # The ladder: rung tasks in flight (task id -> (candidate id, steps)), promotions
+        # decided and not yet submitted, rung results not yet committed, and each rung's
+        # scores so far (candidate id -> mean fitness), rung 0 the survivors' proxy scores.
+        self.rung_tasks: dict[str, tuple[str, int]] = {}
+        self._uncommitted_rungs: list[RungResult] = []
+        self.rung_scores: list[dict[str, float]] = [{} for _ in config.rungs]
+        if config.ladder:
+            for ev in state.evaluations.values():
+                if ev.status == SURVIVOR and ev.duplicate_of is None:
+                    self.rung_scores[0][ev.candidate_id] = records.mean_fitness(ev)
+            for cid, results in state.rungs.items():
+                for steps, result in results.items():
+                    if result.fitness and steps in config.rungs:
+                        self.rung_scores[config.rungs.index(steps)][cid] = _mean(result.fitness)
+        self.promoting: list[tuple[str, int]] = sorted(
+            (cid, steps) for cid, steps in state.promoted
+            if steps not in state.rungs.get(cid, {}))
         self.counts = Counter(outcome(e) for e in state.evaluations.values())
         self.best = state.best()
         self._stop = False
@@ -194,12 +228,17 @@ class Search:
     def _flush(self) -> None:
         """Commit the step's journal lines by one state.json, then queue their MLflow
         runs and the search's progress after them."""
-        if not self._uncommitted:
+        if not self._uncommitted and not self._uncommitted_rungs:
             return
         done, self._uncommitted = self._uncommitted, []
+        rungs, self._uncommitted_rungs = self._uncommitted_rungs, []
         self.save()
         for cand, ev in done:
             self._log(cand, ev)
+        for result in rungs:  # after the candidates' runs, which they are logged to
+            if result.fitness:
+                self.writer.put(_log_rung, self.state.parent_run_id, result.candidate_id,
+                                result.steps, result.fitness)
         self._log_progress()
 
     # --- the loop -------------------------------------------------------------------
@@ -217,7 +256,9 @@ class Search:
                 self._fill()
                 self._flush()
                 self.state.driver_seconds += time.perf_counter() - start
-                if not self.in_flight and not self.ready and (self._stop or not self.ledger.can_start()):
+                if (not self.in_flight and not self.ready and not self.rung_tasks
+                        and not (self.promoting and self._can_promote())
+                        and (self._stop or not self.ledger.can_start())):
                     break
                 if self.ledger.budget.kind == "wall" and self.ledger.exhausted():
                     # A wall-time budget is a deadline: evaluations still running are
@@ -258,7 +299,14 @@ class Search:
         """Start no new evaluation; the loop ends when those in flight are done."""
         self._stop = True
 
+    def _can_promote(self) -> bool:
+        """Whether a decided promotion may train now: under the budget as any new work,
+        except that an evaluation-count budget counts candidates, not their rungs."""
+        return not self._stop and (self.ledger.budget.kind == "evals" or self.ledger.can_start())
+
     def _fill(self) -> None:
+        while self.promoting and self.backend.free_slots() > 0 and self._can_promote():
+            self._submit_rung(*self.promoting.pop(0))
         while self.ready and self.backend.free_slots() > 0:
             self._submit(self.ready.pop(0))
         parked = sum(len(v) for v in self.waiting.values())
@@ -282,6 +330,62 @@ class Search:
         self.in_flight[cand.candidate_id] = cand
         self.backend.submit(cand.candidate_id, _evaluate_entry,
                             {"candidate": cand.to_dict(), "config": self._config_dict})
+
+    def _submit_rung(self, cid: str, steps: int) -> None:
+        task_id = f"{cid}@r{steps}"
+        self.rung_tasks[task_id] = (cid, steps)
+        seeds = self.config.top_rung_seeds if steps == self.config.rungs[-1] else 1
+        self.backend.submit(task_id, _evaluate_rung_entry,
+                            {"candidate": self.state.candidates[cid].to_dict(),
+                             "config": self._config_dict, "steps": steps, "seeds": seeds})
+
+    def _rung_outcome(self, result) -> None:
+        cid, steps = self.rung_tasks.pop(result.task_id)
+        if result.ok:
+            rung = RungResult.from_dict(result.value)
+            if rung.fitness is not None and not all(math.isfinite(v)
+                                                    for v in rung.fitness.values()):
+                rung.reason, rung.fitness = f"non-finite fitness {rung.fitness}", None
+        else:
+            gpu = self.config.gpus_per_eval > 0
+            rung = RungResult(cid, steps, None, seconds=result.seconds,
+                              device="gpu" if gpu else "cpu",
+                              share=self.config.gpus_per_eval if gpu else self.config.cpus_per_eval,
+                              worker=result.worker or "", reason=result.error)
+        self._finish_rung(rung)
+
+    def _finish_rung(self, rung: RungResult) -> None:
+        """Charge, record, tell and judge a rung's result (the step's _flush commits it)."""
+        self.ledger.charge(rung.stage, rung.seconds, rung.share, device=rung.device)
+        self.state.add_rung(rung)
+        self.journal.append_entry({"rung": rung.to_dict()})
+        self._uncommitted_rungs.append(rung)
+        if rung.fitness:
+            level = self.config.rungs.index(rung.steps)
+            self.controller.update(rung.candidate_id, level,
+                                   tuple(rung.fitness[a] for a in self.config.archs))
+            self._scored(level, rung.candidate_id, _mean(rung.fitness))
+            self.best = self.state.best()
+
+    def _scored(self, level: int, cid: str, score: float) -> None:
+        """A score at rung `level` arrived: judge it, or, when it fills the rung to its
+        minimum population, every score the rung holds, in the order they came."""
+        scores = self.rung_scores[level]
+        scores[cid] = score
+        if level + 1 >= len(self.config.rungs):
+            return  # the top rung: nothing above it
+        need = self.config.rung_min_population
+        judged = list(scores) if len(scores) == need else [cid] if len(scores) > need else []
+        for other in judged:
+            if records.clears_hurdle(other, scores, self.config.promote_fraction, need):
+                self._promote(other, self.config.rungs[level + 1])
+
+    def _promote(self, cid: str, steps: int) -> None:
+        if (cid, steps) in self.state.promoted:
+            return
+        self.state.promoted.add((cid, steps))
+        self.journal.append_entry({"promote": {"candidate_id": cid, "steps": steps}})
+        self.promoting.append((cid, steps))
 
     def _precheck(self, cand: Candidate, genome: Genome) -> bool:
         """Static, numeric, causal and duplicate checks; True if the candidate needs a
@@ -325,6 +429,9 @@ class Search:
                           duplicate_of=original.candidate_id)
 
     def _finished_outcome(self, result) -> None:
+        if result.task_id in self.rung_tasks:
+            self._rung_outcome(result)
+            return
         cand = self.in_flight.pop(result.task_id)
         if result.ok:
             ev = Evaluation.from_dict(result.value)
@@ -370,9 +477,12 @@ class Search:
         self.ledger.count_evaluation(_stopped_at(ev))
         self.state.add(cand, ev)
         self.counts[outcome(ev)] += 1
-        if ev.status == SURVIVOR and (self.best is None or rank_key(ev) < rank_key(self.best)):
+        rank = self.state.rank_key
+        if ev.status == SURVIVOR and (self.best is None or rank(ev) < rank(self.best)):
             self.best = ev
         self._commit(cand, ev)
+        if self.config.ladder and ev.status == SURVIVOR and ev.duplicate_of is None:
+            self._scored(0, cand.candidate_id, records.mean_fitness(ev))
 
     # --- tracking -------------------------------------------------------------------
 
@@ -398,12 +508,34 @@ class Search:
         missing = sorted(set(self.state.evaluations) - logged)
         for cid in missing:
             self._log(self.state.candidates[cid], self.state.evaluations[cid])
+        self._reconcile_rungs(set(missing))
         if missing:
             self._log_progress()
 
+    def _reconcile_rungs(self, relogged: set[str]) -> None:
+        """Log the rung scores MLflow lacks: every rung of a candidate whose run is logged
+        again, and of the others those whose metric its run does not hold (a rung's
+        metrics are queued only after its line is committed, so the run folder has every
+        score MLflow has; none is logged twice)."""
+        reached = {cid: [r for r in results.values() if r.fitness]
+                   for cid, results in self.state.rungs.items()}
+        reached = {cid: rs for cid, rs in reached.items() if rs}
+        if not reached:
+            return
+        held = {run["candidate_id"]: run["metrics"]
+                for run in self.tracker.candidates(self.state.parent_run_id)}
+        for cid, results in reached.items():
+            metrics = {} if cid in relogged else held.get(cid, {})
+            for r in sorted(results, key=lambda r: r.steps):
+                arch = next(iter(r.fitness))
+                if f"fitness.{arch}.r{r.steps}" not in metrics:
+                    self.writer.put(_log_rung, self.state.parent_run_id, cid, r.steps,
+                                    r.fitness)
+
     def _log(self, cand: Candidate, ev: Evaluation) -> None:
-        """Queue the candidate's MLflow run."""
-        self.writer.put(_log_candidate, self.state.parent_run_id, cand, ev)
+        """Queue the candidate's MLflow run (with its proxy score as rung 0's, on a ladder)."""
+        self.writer.put(_log_candidate, self.state.parent_run_id, cand, ev,
+                        self.config.rungs[0] if self.config.ladder else None)
 
     def _log_progress(self) -> None:
         """Queue the search's progress, at the step of the candidates finished so far."""
@@ -445,7 +577,7 @@ class Search:
             best=records.mean_fitness(self.best) if self.best else None,
             spent=budget.format_amount(self.ledger.spent),
             left=budget.format_amount(self.ledger.remaining),
-            in_flight=len(self.in_flight)), force=force)
+            in_flight=len(self.in_flight) + len(self.rung_tasks)), force=force)
 
 
 class _Queued:
@@ -471,7 +603,8 @@ def _new_tracker(uri: str, artifact_location: str | None):
     return SearchTracker(uri, artifact_location=artifact_location)
 
 
-def _log_candidate(tracker, parent_run_id: str, cand: Candidate, ev: Evaluation) -> None:
+def _log_candidate(tracker, parent_run_id: str, cand: Candidate, ev: Evaluation,
+                   rung_steps: int | None = None) -> None:
     """One candidate's MLflow run; its formula, LaTeX and exported code are derived here."""
     from evonas.layers import symbolic
     from evonas.layers.export import export_source
@@ -479,7 +612,15 @@ def _log_candidate(tracker, parent_run_id: str, cand: Candidate, ev: Evaluation)
     genome = Genome.from_dict(cand.genome)
     tracker.log_candidate(parent_run_id, cand, ev, genome=genome,
                           formula=symbolic.equation(genome), latex=symbolic.latex(genome),
-                          source=export_source(genome, "EvolvedNormAct"))
+                          source=export_source(genome, "EvolvedNormAct"), rung_steps=rung_steps)
+
+
+def _log_rung(tracker, parent_run_id: str, cid: str, steps: int, fitness: dict) -> None:
+    tracker.log_rung(parent_run_id, cid, steps, fitness)
+
+
+def _mean(fitness: dict[str, float]) -> float:
+    return sum(fitness.values()) / len(fitness)
 
 
 def _log_summary(tracker, parent_run_id: str, summary: dict, step: int) -> None:
@@ -504,6 +645,12 @@ def _evaluate_entry(payload: dict) -> dict:
     from evonas.search.evaluate import evaluate_candidate
 
     return evaluate_candidate(payload)
+
+
+def _evaluate_rung_entry(payload: dict) -> dict:
+    from evonas.search.evaluate import evaluate_rung
+
+    return evaluate_rung(payload)
 
 
 __all__ = ["Search", "new_controller", "search_budget"]

@@ -56,18 +56,69 @@ def proxy_seed(search_seed: int) -> int:
     return int(np.random.SeedSequence([search_seed, 0x5EED]).generate_state(1)[0])
 
 
-def _proxy_config(config: SearchConfig, arch: str) -> ProxyConfig:
-    """The arch's recipe (optimizer, decay, warm-up, clipping) at the search's sizes."""
+def rung_seed(search_seed: int, k: int) -> int:
+    """The k-th training seed of a rung: k = 0 is proxy_seed (the rung retrains exactly as
+    the proxy did, only longer), the others are derived from the search's seed alone, so
+    every candidate trained on several seeds draws the same ones: common random numbers
+    hold seed by seed."""
+    if k == 0:
+        return proxy_seed(search_seed)
+    return int(np.random.SeedSequence([search_seed, 0x5EED, k]).generate_state(1)[0])
+
+
+def _proxy_config(config: SearchConfig, arch: str, steps: int | None = None) -> ProxyConfig:
+    """The arch's recipe (optimizer, decay, warm-up, clipping) at the search's sizes;
+    steps: a rung's length in place of the proxy's (the schedule spans it)."""
     recipe = (LM_PROXY if arch in TEXT_ARCHS else VIT_PROXY if arch in SEQUENCE_ARCHS
               else ProxyConfig())
     return dataclasses.replace(recipe, arch=arch, width=config.proxy_width,
-                               steps=config.proxy_steps, batch_size=config.proxy_batch_size,
+                               steps=steps or config.proxy_steps,
+                               batch_size=config.proxy_batch_size,
                                lr=config.proxy_lr, eval_size=config.proxy_eval_size)
 
 
-def _trainer(factory, config: SearchConfig, arch: str, data, **kw) -> ProxyTrainer:
+def _trainer(factory, config: SearchConfig, arch: str, data, steps: int | None = None,
+             **kw) -> ProxyTrainer:
     cls = LMTrainer if arch in TEXT_ARCHS else ProxyTrainer
-    return cls(factory, _proxy_config(config, arch), data, **kw)
+    return cls(factory, _proxy_config(config, arch, steps), data, **kw)
+
+
+def evaluate_rung(payload: dict) -> dict:
+    """A promoted candidate trained again from scratch for a rung's `steps` on `seeds`
+    seeds (RungResult as a dict). The gates are not run again: the layer passed them, and
+    the first seed's training begins as its proxy training did. Never raises for a bad
+    layer: a divergence or the time limit is a result with no fitness and its reason."""
+    from evonas.search.records import RungResult
+
+    candidate = Candidate.from_dict(payload["candidate"])
+    config = SearchConfig.from_dict(payload["config"])
+    steps, seeds = int(payload["steps"]), int(payload["seeds"])
+    start = time.perf_counter()
+    deadline = time.monotonic() + config.eval_time_limit_s
+    device = task_device(config.gpus_per_eval)
+    on_gpu = device == "cuda"
+    result = RungResult(candidate.candidate_id, steps, None, device="gpu" if on_gpu else "cpu",
+                        share=config.gpus_per_eval if on_gpu else config.cpus_per_eval,
+                        worker=worker_name())
+    genome = Genome.from_dict(candidate.genome)
+    factory = layer_factory(genome, groups=load_space(config.space).groups)
+    data = load_dataset(config.dataset, config.data_dir, seed=config.seed)
+    scores: dict[str, list[float]] = {arch: [] for arch in config.archs}
+    for k in range(seeds):
+        for arch in config.archs:
+            trainer = _trainer(factory, config, arch, data, steps, seed=rung_seed(config.seed, k),
+                               device=device, deadline=deadline)
+            trainer.train_until(steps)
+            if trainer.reason is not None:
+                result.reason = f"{trainer.reason} on {arch}, seed {k}, at {steps} steps"
+                result.seconds = time.perf_counter() - start
+                return result.to_dict()
+            score = trainer.evaluate(config.proxy_eval_size)
+            scores[arch].append(lm_fitness(score) if arch in TEXT_ARCHS else score)
+    result.scores = scores
+    result.fitness = {arch: sum(v) / len(v) for arch, v in scores.items()}
+    result.seconds = time.perf_counter() - start
+    return result.to_dict()
 
 
 def evaluate_candidate(payload: dict) -> dict:

@@ -200,17 +200,46 @@ def _check_tournament(size: int | float, population_size: int) -> None:
 
 
 def tournament(
-    fitnesses: Sequence[Fitness], size: int, rng: np.random.Generator
+    fitnesses: Sequence[Fitness], size: int, rng: np.random.Generator, *,
+    ladders: Sequence[Sequence[Fitness]] | None = None,
 ) -> tuple[list[int], int]:
     """Multi-objective tournament over fitnesses: (contestant indices, winner index).
 
     size contestants (all, if fewer) are sampled uniformly without replacement; the winner
-    is drawn uniformly from the Pareto front of their fitness vectors.
+    is drawn uniformly from the Pareto front of their fitness vectors. ladders: each
+    member's fitness at every rung of the fidelity ladder it reached (rung 0 first); the
+    front is then ladder_front's, each pair compared at the highest rung both reached.
     """
     size = min(size, len(fitnesses))
     contestants = [int(i) for i in rng.choice(len(fitnesses), size=size, replace=False)]
-    front = pareto_front([fitnesses[i] for i in contestants])
+    if ladders is not None and any(len(ladders[i]) > 1 for i in contestants):
+        front = ladder_front([ladders[i] for i in contestants])
+    else:
+        front = pareto_front([fitnesses[i] for i in contestants])
     return contestants, contestants[front[int(rng.integers(len(front)))]]
+
+
+def ladder_front(ladders: Sequence[Sequence[Fitness]]) -> list[int]:
+    """Indices, ascending, of the members no other dominates, where a dominates b when
+    a's fitness vector dominates b's at the highest rung both reached (min of their
+    rung counts): a longer training is compared with a longer training wherever both
+    have one, and never a long one against a short one."""
+    from evonas.search.pareto import dominates
+
+    def beats(a: Sequence[Fitness], b: Sequence[Fitness]) -> bool:
+        rung = min(len(a), len(b)) - 1
+        return dominates(a[rung], b[rung])
+
+    front = [i for i, b in enumerate(ladders)
+             if not any(beats(a, b) for j, a in enumerate(ladders) if j != i)]
+    if front:
+        return front
+    # Comparing at different rungs can go round in a cycle (b beats a at rung 1, a beats
+    # c at rung 0, c beats b at rung 0), leaving no member undominated: the front is then
+    # that of the members that climbed highest, at their top rung.
+    top = max(len(x) for x in ladders)
+    highest = [i for i, x in enumerate(ladders) if len(x) == top]
+    return [highest[k] for k in pareto_front([ladders[i][-1] for i in highest])]
 
 
 class Controller(ABC):
@@ -231,6 +260,11 @@ class Controller(ABC):
     @abstractmethod
     def in_flight(self) -> list[str]:
         """Ids asked and not yet told, oldest first."""
+
+    def update(self, candidate_id: str, rung: int, fitness: Fitness) -> None:
+        """A told survivor's fitness at rung `rung` (1, 2, ...) of the fidelity ladder,
+        rungs in order. Ignored by controllers that keep no population, and for a
+        candidate that is no member (aged out, or a clone kept out)."""
 
     @property
     @abstractmethod
@@ -382,6 +416,7 @@ class _Slot(NamedTuple):
     fitness: Fitness
     born: int  # value of the additions clock when it entered
     behaviour: str | None = None  # what tell was given: equal for equivalent layers
+    higher: tuple[Fitness, ...] = ()  # fitness at the ladder's rungs 1, 2, ... reached
 
 
 def _check_seeding(initial: str, seeds: Mapping[str, Genome]) -> None:
@@ -427,7 +462,9 @@ class RegularizedEvolution(_BaseController):
         if self.config.random_fraction > 0 and self._rng.random() < self.config.random_fraction:
             return self._random()
         fitnesses = [s.fitness for s in self._population]
-        _, winner = tournament(fitnesses, self.config.tournament_count, self._rng)
+        ladders = [(s.fitness, *s.higher) for s in self._population]
+        _, winner = tournament(fitnesses, self.config.tournament_count, self._rng,
+                               ladders=ladders)
         parent = self._population[winner]
         child, name = self._ops.mutate(parent.genome, self._rng)
         if name == RANDOM or name.startswith(ZOO_PREFIX):
@@ -446,12 +483,23 @@ class RegularizedEvolution(_BaseController):
         if len(self._population) > self.config.population_size:
             self._population.popleft()  # aging: the oldest goes, whatever its fitness
 
+    def update(self, candidate_id: str, rung: int, fitness: Fitness) -> None:
+        fit = self._checked_fitness(candidate_id, fitness, OK)
+        for i, slot in enumerate(self._population):
+            if slot.candidate_id == candidate_id:
+                if rung != len(slot.higher) + 1:
+                    raise ValueError(f"candidate {candidate_id}: rung {rung} told after "
+                                     f"{len(slot.higher)} rungs above the proxy")
+                self._population[i] = slot._replace(higher=(*slot.higher, fit))
+                return
+
     def to_state(self, *, history: bool = True) -> dict:
         state = self._common_state(history)
         state["config"] = asdict(self.config)
         state["additions"] = self._additions
         state["population"] = [
             [s.candidate_id, self._ops.encode(s.genome), list(s.fitness), s.born, s.behaviour]
+            + ([[list(f) for f in s.higher]] if s.higher else [])
             for s in self._population
         ]
         return state
@@ -466,9 +514,11 @@ class RegularizedEvolution(_BaseController):
         _BaseController.__init__(self, ops, config.num_objectives, 0, {})
         self.config = config
         self._additions = int(state["additions"])
-        # Entries of states written before behaviours were kept have four fields.
+        # Entries of states written before behaviours were kept have four fields; a
+        # sixth holds the fitness at the ladder's higher rungs, when the member has some.
         self._population = deque(
-            _Slot(cid, ops.decode(g), tuple(fit), int(born), *rest[:1])
+            _Slot(cid, ops.decode(g), tuple(fit), int(born), *rest[:1],
+                  *[tuple(tuple(f) for f in rest[1])] if len(rest) > 1 else [])
             for cid, g, fit, born, *rest in state["population"]
         )
         self._restore_common(state)

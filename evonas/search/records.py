@@ -81,3 +81,46 @@ class Evaluation:
     @classmethod
     def from_dict(cls, d: dict) -> "Evaluation":
         return cls(**d)
+
+
+@dataclass
+class RungResult:
+    """A promoted candidate's training at a longer rung of the fidelity ladder.
+
+    steps: the rung's training length. fitness: per architecture, the mean over the
+        seeds trained (scores); None when the training failed (reason says why), and the
+        candidate then stays at the rung below.
+    scores: per architecture, one score per seed (seed 0 is the search's common seed),
+        so a rung trained on several seeds says its spread.
+    seconds / device / share: what the ledger charges to stage `rung<steps>`.
+    """
+
+    candidate_id: str
+    steps: int
+    fitness: dict[str, float] | None
+    scores: dict[str, list[float]] = field(default_factory=dict)
+    seconds: float = 0.0
+    device: str = "cpu"
+    share: float = 1.0
+    worker: str = ""
+    reason: str | None = None
+
+    @property
+    def stage(self) -> str:
+        return f"rung{self.steps}"
+
+    def spread(self) -> dict[str, dict[str, float]]:
+        """Per architecture: std (population), min and max of the seeds' scores."""
+        out = {}
+        for arch, values in self.scores.items():
+            mean = sum(values) / len(values)
+            std = (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
+            out[arch] = {"std": std, "min": min(values), "max": max(values)}
+        return out
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RungResult":
+        return cls(**d)

@@ -10,7 +10,8 @@ search runs.
 The page holds the Pareto front of the survivors over the proxy architectures, the
 best-so-far fitness against evaluations and against device-hours (beside a second run,
 typically random search, with `--compare`), the rejection funnel, the top layers with
-rendered formulas, the lineage of the best layer and the full-training leaderboard.
+rendered formulas, the lineage of the best layer, the fidelity ladder (how many reached
+each rung, their scores) and the full-training leaderboard.
 
 Data first, pictures second: each section has a small function that turns a Run into
 plain rows (tested on its own), and a function that draws them with matplotlib. The
@@ -176,6 +177,46 @@ def funnel(run: Run) -> list[FunnelRow]:
         if row.stage != "worker" or row.failed:
             out.append(row)
     return out
+
+
+@dataclass
+class LadderRow:
+    """One rung of the fidelity ladder: how many candidates reached it (scored there),
+    how many it promoted to the next, how many failed its training, and its scores."""
+
+    steps: int
+    reached: int
+    promoted: int
+    failed: int
+    best: float | None
+    median: float | None
+    best_id: str | None
+
+
+def ladder(run: Run) -> list[LadderRow]:
+    """The ladder's rungs in order; empty for a search without one. Rung 0's scores are
+    the survivors' proxy fitness (duplicates left out: they repeat their original's)."""
+    rungs = run.config.rungs
+    rows = []
+    for k, steps in enumerate(rungs):
+        if k == 0:
+            scores = {e.candidate_id: mean_fitness(e) for e in survivors(run)
+                      if e.duplicate_of is None}
+            failed = 0
+        else:
+            results = [r[steps] for r in run.state.rungs.values() if steps in r]
+            scores = {r.candidate_id: sum(r.fitness.values()) / len(r.fitness)
+                      for r in results if r.fitness}
+            failed = sum(1 for r in results if not r.fitness)
+        promoted = (sum(1 for _, s in run.state.promoted if s == rungs[k + 1])
+                    if k + 1 < len(rungs) else 0)
+        ordered = sorted(scores.values())
+        median = (None if not ordered else ordered[len(ordered) // 2] if len(ordered) % 2
+                  else (ordered[len(ordered) // 2 - 1] + ordered[len(ordered) // 2]) / 2)
+        best_id = min(scores, key=lambda c: (-scores[c], c)) if scores else None
+        rows.append(LadderRow(steps, len(scores), promoted, failed,
+                              scores[best_id] if best_id else None, median, best_id))
+    return rows
 
 
 def lineage(run: Run, cid: str) -> list[tuple[Candidate, Evaluation]]:
@@ -400,6 +441,9 @@ def context(run: Run, *, compare: Run | None = None, top_n: int = TOP_N) -> dict
         "lineage": [_layer(run, cand.candidate_id)
                     for cand, _ in (lineage(run, best.candidate_id) if best else [])],
         "fulltrain": _fulltrain_section(run),
+        "ladder": ({"rows": ladder(run), "fraction": run.config.promote_fraction,
+                    "min_population": run.config.rung_min_population}
+                   if run.config.ladder else None),
     }
 
 
@@ -517,5 +561,6 @@ def refresh(folder_path: str | Path, tracker=None, parent_run_id: str | None = N
 
 
 __all__ = ["REPORT_FILE", "FunnelRow", "ProgressPoint", "Formula", "build", "context",
-           "formula", "formula_svg", "front", "fulltrain", "funnel", "lineage", "progress",
+           "formula", "formula_svg", "front", "fulltrain", "funnel", "ladder", "LadderRow", "lineage",
+           "progress",
            "refresh", "survivors", "write"]

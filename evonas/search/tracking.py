@@ -12,7 +12,9 @@ Run layout:
                    params (nested keys dotted) and as config.json; summary metrics per step
     candidate run  a child of the search run (the UI nests it under it), run name = the
                    formula; tags evonas.kind=candidate, evonas.candidate_id and the other
-                   evonas.*; metrics fitness.<arch>, fitness.mean, cost.<stage>_s,
+                   evonas.*; metrics fitness.<arch>, fitness.mean, on a fidelity ladder
+                   fitness.<arch>.r<steps> and fitness.mean.r<steps> for each rung it
+                   reached (logged at step <steps>, rung 0 with the run), cost.<stage>_s,
                    cost.total_s, cost.device_s, genome.nodes and the evaluation's own
                    metrics; artifacts genome.json, formula.txt, formula.tex, layer.py (when
                    exported), reject_reason.txt (when too long for its tag), and its
@@ -97,11 +99,13 @@ class SearchTracker:
     # --- candidate runs -----------------------------------------------------------------
 
     def log_candidate(self, parent_run_id: str, candidate: Candidate, evaluation: Evaluation,
-                      *, genome: Genome, formula: str, latex: str, source: str | None) -> str:
+                      *, genome: Genome, formula: str, latex: str, source: str | None,
+                      rung_steps: int | None = None) -> str:
         """Log one candidate as a child run of the search; returns its run id.
 
         source is the exported layer (export.export_source), None where there is none
-        (failed candidates). The run is FINISHED only once everything is logged.
+        (failed candidates). rung_steps: the ladder's first rung, whose score the
+        fitness is (None: no ladder). The run is FINISHED only once everything is logged.
         """
         picture = self.pictures and evaluation.status == SURVIVOR
         texts = _candidate_texts(evaluation, genome, formula, latex, source)
@@ -110,8 +114,23 @@ class SearchTracker:
         return self.runs.log_child(
             parent_run_id, CANDIDATES, candidate.candidate_id, formula,
             tags=_candidate_tags(candidate, evaluation, genome),
-            metrics=_candidate_metrics(evaluation, genome), texts=texts,
+            metrics={**_candidate_metrics(evaluation, genome),
+                     **(_rung_metrics(rung_steps, evaluation.fitness)
+                        if rung_steps and evaluation.fitness else {})},
+            texts=texts,
             draw=_picture(genome, evaluation.candidate_id) if picture else None)
+
+    def log_rung(self, parent_run_id: str, candidate_id: str, steps: int,
+                 fitness: dict[str, float]) -> None:
+        """A promoted candidate's fitness at a rung of the ladder, on its run, at step
+        `steps` (the driver logs each once: driver._reconcile_rungs)."""
+        key = CANDIDATES.key_tag
+        runs = self.runs.children(parent_run_id, CANDIDATES,
+                                  f"tags.`{key}` = '{candidate_id}'")
+        if not runs:
+            raise LookupError(f"no MLflow run of candidate {candidate_id} to log rung "
+                              f"{steps} to")
+        self.runs.log_metrics(runs[0]["run_id"], _rung_metrics(steps, fitness), steps)
 
     def reconcile(self, parent_run_id: str, finished: set[str]) -> set[str]:
         """Make the candidate runs agree with the driver's state after a resume.
@@ -162,6 +181,12 @@ def _candidate_metrics(evaluation: Evaluation, genome: Genome) -> dict[str, floa
     values["cost.device_s"] = evaluation.seconds * evaluation.share
     values["genome.nodes"] = len(genome)
     values.update(evaluation.metrics)
+    return values
+
+
+def _rung_metrics(steps: int, fitness: dict[str, float]) -> dict[str, float]:
+    values = {f"fitness.{arch}.r{steps}": v for arch, v in fitness.items()}
+    values[f"fitness.mean.r{steps}"] = sum(fitness.values()) / len(fitness)
     return values
 
 
