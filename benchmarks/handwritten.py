@@ -130,45 +130,50 @@ NATIVE = ("bn_relu", "gn_relu", "in_relu", "ln_relu", "bn_silu")
 # --- sequence layers (..., C) ------------------------------------------------------------
 
 
-class HandLayerNorm(nn.Module):
+class _LastDimAffine(nn.Module):
+    """weight * y + bias over the last dimension, as every sequence zoo layer ends."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+
+    def forward(self, x):
+        return self._y(x) * self.weight + self.bias
+
+
+class HandLayerNorm(_LastDimAffine):
     """(x - mean) / sqrt(var + eps) over the last dimension, then weight * y + bias."""
 
     def __init__(self, num_features: int, eps: float = 1e-5):
-        super().__init__()
+        super().__init__(num_features)
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(num_features))
-        self.bias = nn.Parameter(torch.zeros(num_features))
 
-    def forward(self, x):
+    def _y(self, x):
         var, mean = torch.var_mean(x, dim=-1, unbiased=False, keepdim=True)
-        return (x - mean) / (var + self.eps).sqrt() * self.weight + self.bias
+        return (x - mean) / (var + self.eps).sqrt()
 
 
-class HandRMSNorm(nn.Module):
+class HandRMSNorm(_LastDimAffine):
     """LLaMA's RMSNorm, x * rsqrt(mean(x^2) + eps) * weight, plus the zoo's bias."""
 
     def __init__(self, num_features: int, eps: float = 1e-5):
-        super().__init__()
+        super().__init__(num_features)
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(num_features))
-        self.bias = nn.Parameter(torch.zeros(num_features))
 
-    def forward(self, x):
-        y = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return y * self.weight + self.bias
+    def _y(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps)
 
 
-class HandDyT(nn.Module):
+class HandDyT(_LastDimAffine):
     """DyT (jiachenzhu/DyT's DynamicTanh): weight * tanh(alpha * x) + bias, alpha a scalar."""
 
     def __init__(self, num_features: int, alpha_init: float = 0.5):
-        super().__init__()
+        super().__init__(num_features)
         self.alpha = nn.Parameter(torch.tensor(float(alpha_init)))
-        self.weight = nn.Parameter(torch.ones(num_features))
-        self.bias = nn.Parameter(torch.zeros(num_features))
 
-    def forward(self, x):
-        return torch.tanh(self.alpha * x) * self.weight + self.bias
+    def _y(self, x):
+        return torch.tanh(self.alpha * x)
 
 
 # norm_layer(num_features) -> module, by zoo name
