@@ -22,7 +22,7 @@ CONTROLLERS = ("evolution", "random")
 # that BN-ReLU proxies learn to 0.6-0.7 in 60 steps at batch 64, where CIFAR-10's proxies
 # need hundreds of steps to rank layers. At this size a survivor of the three proxy
 # architectures costs about 20 s of a CPU core, against 3-4 minutes at CIFAR-10's sizes:
-# the README's five-minute first run on two cores evaluates over a hundred candidates.
+# the README's five-minute first run on two cores evaluates about a hundred candidates.
 SMOKE_PROXY = {"proxy_steps": 60, "proxy_batch_size": 64, "proxy_width": 8,
                "quality_steps": 30, "stability_steps": 5}
 
