@@ -125,18 +125,27 @@ def test_rounding_tokens():
     assert tok(1e-300) != tok(0.0) and tok(np.nan) != tok(0.0)
 
 
+# Shapes of the second probe set by layout: (spread, base, offset) of the inputs.
+INDEPENDENT_SHAPES = {"nchw": ((5, 12, 1, 1), (5, 12, 3, 4), (1, 12, 1, 1)),
+                      "ntc": ((5, 1, 12), (5, 9, 12), (5, 1, 12))}
+
+
 def independent_outputs(genome):
-    """Outputs under a second, unrelated probe set: other shape, groups, scales, seed."""
+    """Outputs under a second, unrelated probe set: other shape, groups, scales, seed, and
+    scalars moved by another amount."""
     gen = torch.Generator().manual_seed(7)
     layer = GenomeLayer(genome, 12, groups=3, dtype=torch.float64)
+    spread_shape, base_shape, offset_shape = INDEPENDENT_SHAPES[genome.layout]
     with torch.no_grad():
         for name in ("v0", "v1"):
             values = 2.0 * torch.randn(12, generator=gen, dtype=torch.float64)
             if hasattr(layer, name):
                 getattr(layer, name).copy_(values)
-        spread = torch.exp(torch.randn(5, 12, 1, 1, generator=gen, dtype=torch.float64))
-        base = torch.randn(5, 12, 3, 4, generator=gen, dtype=torch.float64) * spread
-        base = base + torch.randn(1, 12, 1, 1, generator=gen, dtype=torch.float64)
+        for name, init in genome.scalars.items():
+            getattr(layer, name).fill_(init - 0.37)
+        spread = torch.exp(torch.randn(*spread_shape, generator=gen, dtype=torch.float64))
+        base = torch.randn(*base_shape, generator=gen, dtype=torch.float64) * spread
+        base = base + torch.randn(*offset_shape, generator=gen, dtype=torch.float64)
         xs = [base * s for s in (0.03, 0.7, 3.0, 40.0)]
         layer.train()
         out = [layer(x) for x in xs]
@@ -232,28 +241,6 @@ def test_sequence_statistics_and_scalars_fingerprint_by_function():
         != functional_fingerprint(seq(("tanh", ["x"])))
 
 
-def independent_sequence_outputs(genome):
-    """As independent_outputs, for (N, T, C) genomes: other shape, groups, scales, seed,
-    and scalars moved by another amount."""
-    gen = torch.Generator().manual_seed(7)
-    layer = GenomeLayer(genome, 12, groups=3, dtype=torch.float64)
-    with torch.no_grad():
-        for name in ("v0", "v1"):
-            values = 2.0 * torch.randn(12, generator=gen, dtype=torch.float64)
-            if hasattr(layer, name):
-                getattr(layer, name).copy_(values)
-        for name, init in genome.scalars.items():
-            getattr(layer, name).fill_(init - 0.37)
-        spread = torch.exp(torch.randn(5, 1, 12, generator=gen, dtype=torch.float64))
-        base = torch.randn(5, 9, 12, generator=gen, dtype=torch.float64) * spread
-        base = base + torch.randn(5, 1, 12, generator=gen, dtype=torch.float64)
-        xs = [base * s for s in (0.03, 0.7, 3.0, 40.0)]
-        layer.train()
-        out = [layer(x) for x in xs]
-        layer.eval()
-        return out + [layer(x) for x in xs]
-
-
 def test_random_sequence_genomes_collide_only_when_equivalent():
     space = load_space("seq_bidirectional")
     rng = np.random.default_rng(2025)
@@ -264,5 +251,5 @@ def test_random_sequence_genomes_collide_only_when_equivalent():
     groups = [list(v.values()) for v in by_fp.values() if len(v) > 1]
     assert len(by_fp) > 100
     false = [(gr[0], g) for gr in groups for g in gr[1:]
-             if not agree(independent_sequence_outputs(gr[0]), independent_sequence_outputs(g))]
+             if not agree(independent_outputs(gr[0]), independent_outputs(g))]
     assert not false, false

@@ -8,10 +8,9 @@ LR search, seeds) trained the layers, so every calibration reuses one measuremen
     evonas train RUN --top 8 --baselines bn_relu,gn_relu,...   (the full trainings)
     evonas calibrate --panel DIR --panel-from RUN              (writes DIR/panel.json)
 
-A layer's score is the mean, over every (architecture, batch size) the training planned,
-of its seeds' mean test accuracy; a layer missing a setting is left out of the panel
-(ranked on easier or harder settings than the others, it would bias the ranking), as
-`evonas train`'s own rank correlation does.
+A layer's score is the one `evonas train`'s own rank correlation ranks it by
+(leaderboard.overall_means): the mean, over every setting the training planned, of its
+seeds' mean test accuracy; a layer missing a setting is left out of the panel.
 """
 
 from __future__ import annotations
@@ -43,7 +42,8 @@ class Panel:
 
 def panel_from_run(run_path: str | Path) -> Panel:
     """The layers an `evonas train RUN` trained fully, with their scores and genomes."""
-    from evonas.layers import zoo
+    from evonas.fulltrain.config import baseline_genome
+    from evonas.fulltrain.leaderboard import overall_means
     from evonas.search.results import load_run
 
     run = load_run(run_path)
@@ -52,22 +52,18 @@ def panel_from_run(run_path: str | Path) -> Panel:
         raise EvonasError(f"{run_path} has no full training yet ({summary_path} is missing); "
                           f"run `evonas train {run_path}` first")
     summary = json.loads(summary_path.read_text())
-    rows_by_layer: dict[str, list[dict]] = {}
-    for row in summary["leaderboard"]:
-        rows_by_layer.setdefault(row["layer"], []).append(row)
-    settings = {(r["arch"], r["batch_size"]) for r in summary["leaderboard"]}
-    genomes, outcome, rows = {}, {}, {}
+    outcome = overall_means(summary["leaderboard"])
+    genomes, rows = {}, {}
     for layer in summary["layers"]:
         name, cid = layer["layer"], layer["candidate_id"]
-        got = [r for r in rows_by_layer.get(name, []) if r["mean"] is not None]
-        if len({(r["arch"], r["batch_size"]) for r in got}) != len(settings):
+        if name not in outcome:  # not trained in every setting
             continue
-        genome = (zoo.get(cid.split(":", 1)[1]) if cid.startswith("zoo:")
-                  else Genome.load(cid.split(":", 1)[1]) if cid.startswith("file:")
+        # a baseline is "zoo:<name>" or "file:<path>", as `evonas train --baselines` took it
+        genome = (baseline_genome(cid.split(":", 1)[1]) if cid.startswith(("zoo:", "file:"))
                   else Genome.from_dict(run.state.candidates[cid].genome))
         genomes[name] = genome.to_dict()
-        outcome[name] = sum(r["mean"] for r in got) / len(got)
-        rows[name] = got
+        rows[name] = [r for r in summary["leaderboard"]
+                      if r["layer"] == name and r["mean"] is not None]
     if len(outcome) < 2:
         raise EvonasError(f"{run_path}: full training completed {len(outcome)} layer(s) in "
                           f"every setting; a panel needs two or more (resume `evonas train`)")

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 from evonas.calibrate.agreement import agreement
+from evonas.errors import EvonasError
 from evonas.search.config import SearchConfig
 
 if TYPE_CHECKING:  # the panel's module reads genomes (torch): `evonas --help` stays light
@@ -50,6 +51,16 @@ class SweepSpace:
     lr: tuple[float, float] = (0.02, 0.4)
     quality_fractions: tuple[float, ...] = (0.25, 0.5, 1.0)
     quality_thresholds: tuple[float, float] = (0.0, 0.25)
+
+    def __post_init__(self) -> None:
+        from evonas.runtime import checks
+
+        for flag, values in (("--steps", self.steps), ("--batches", self.batches),
+                             ("--widths", self.widths)):
+            if not values:
+                raise EvonasError(f"{flag} needs at least one value, e.g. 100,300")
+            for v in values:
+                checks.whole(f"{flag}: a value", v, minimum=1)
 
     def suggest(self, trial) -> dict:
         steps = trial.suggest_categorical("proxy_steps", list(self.steps))

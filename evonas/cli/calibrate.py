@@ -16,20 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        values = ()
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of whole "
-                                         f"numbers >= 1, e.g. 100,300")
-    return values
-
-
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(t.strip() for t in text.split(",") if t.strip())
+from evonas.cli.arguments import names, whole_numbers
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -52,14 +39,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="proxy settings to try besides today's defaults (20)")
     p.add_argument("--space", help="the search space the panel's layers belong to, for "
                    "its group count (a search's default)")
-    p.add_argument("--archs", type=_names, help="proxy architectures, comma-separated "
+    p.add_argument("--archs", type=names, help="proxy architectures, comma-separated "
                    "(a search's default)")
     p.add_argument("--data-dir", help="where the panel's dataset lies")
-    p.add_argument("--steps", type=_ints, default=space.steps, help="proxy step counts to "
+    p.add_argument("--steps", type=whole_numbers("100,300"), default=space.steps, help="proxy step counts to "
                    f"try ({','.join(map(str, space.steps))})")
-    p.add_argument("--batches", type=_ints, default=space.batches, help="proxy batch sizes "
+    p.add_argument("--batches", type=whole_numbers("100,300"), default=space.batches, help="proxy batch sizes "
                    f"to try ({','.join(map(str, space.batches))})")
-    p.add_argument("--widths", type=_ints, default=space.widths, help="proxy widths to try "
+    p.add_argument("--widths", type=whole_numbers("100,300"), default=space.widths, help="proxy widths to try "
                    f"({','.join(map(str, space.widths))})")
     p.add_argument("--workers", type=int, default=0, help="parallel evaluations on Ray "
                    "(0: in this process)")

@@ -10,18 +10,8 @@ import argparse
 import os
 import sys
 
+from evonas.cli.arguments import names, whole_numbers
 from evonas.errors import EvonasError
-
-
-def _archs(text: str) -> tuple[str, ...]:
-    return tuple(a.strip() for a in text.split(",") if a.strip())
-
-
-def _steps(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give step counts, e.g. 300,1200,4800") from None
 
 
 def _size_help(name: str) -> str:
@@ -92,7 +82,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="share of evolution's proposals that are random immigrants "
                    f"(0: every proposal mutates a tournament winner, as in the paper); "
                    f"{_default('random_fraction')}")
-    p.add_argument("--archs", type=_archs,
+    p.add_argument("--archs", type=names,
                    help="proxy architectures, comma-separated (one objective each); default: "
                    "the space's, the three proxy CNNs for an nchw space, lm for a causal "
                    "sequence space, vit for a bidirectional one")
@@ -105,7 +95,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    "calibrate` (its proxy_config.json) in place of the task's defaults; "
                    "a proxy flag given wins over it; its architectures unless --archs names "
                    "the same")
-    p.add_argument("--rungs", type=_steps, metavar="STEPS",
+    p.add_argument("--rungs", type=whole_numbers("300,1200,4800"), metavar="STEPS",
                    help="fidelity ladder: training lengths, e.g. 300,1200,4800; the first is "
                    "the proxy's (it sets --proxy-steps), the others train promoted candidates "
                    "again (default: none)")

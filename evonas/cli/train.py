@@ -13,6 +13,7 @@ import dataclasses
 import os
 import sys
 
+from evonas.cli.arguments import names, whole_numbers
 from evonas.fulltrain.config import FullTrainConfig
 
 # Flags whose value, when given, is the FullTrainConfig field of the same name; a flag
@@ -46,21 +47,9 @@ def _range_help(name: str) -> str:
         f"{_spelt(r[name])} for {opt}" for opt, r in OPTIMIZERS.items())
 
 
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(t.strip() for t in text.split(",") if t.strip())
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(t) for t in _names(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of "
-                                         f"whole numbers, e.g. 128,8") from None
-
-
 def _range(text: str) -> tuple[float, float]:
     try:
-        low, high = (float(t) for t in _names(text))
+        low, high = (float(t) for t in names(text))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not two numbers LOW,HIGH, "
                                          f"e.g. 0.01,1") from None
@@ -78,13 +67,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir", metavar="RUN", help="the search's run folder")
     what = p.add_argument_group("what to train")
     what.add_argument("--top", type=int, help=f"best survivors of the search ({_default('top')})")
-    what.add_argument("--baselines", type=_names,
+    what.add_argument("--baselines", type=names,
                       help=f"zoo layers or genome files (NAME.json, e.g. a calibration "
                       f"panel's random or found layers), comma-separated, '' for none "
                       f"({_default('baselines')})")
-    what.add_argument("--archs", type=_names,
+    what.add_argument("--archs", type=names,
                       help=f"architectures, comma-separated ({_default('archs')})")
-    what.add_argument("--batch-sizes", type=_ints,
+    what.add_argument("--batch-sizes", type=whole_numbers("128,8"),
                       help=f"batch sizes, comma-separated ({_default('batch_sizes')})")
     what.add_argument("--seeds", help=f"a count (2: seeds 0,1) or a list (0,3,7) "
                       f"(seeds {_default('seeds')})")
@@ -103,7 +92,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                       f"log scale ({_range_help('lr_range')})")
     what.add_argument("--wd-range", type=_range,
                       help=f"weight-decay range, log scale ({_range_help('wd_range')})")
-    what.add_argument("--optimizers", type=_names,
+    what.add_argument("--optimizers", type=names,
                       help=f"sgd (momentum 0.9) and/or adamw, comma-separated: each tuned "
                       f"alike and reported apart ({_default('optimizers')})")
     what.add_argument("--dataset", help="cifar10, synthetic, shakespeare or synthetic_text "

@@ -95,6 +95,26 @@ def _row(setting: tuple, best: dict, counts: dict[str, int]) -> dict:
 # --- does the proxy predict? -----------------------------------------------------------
 
 
+def overall_means(rows: Sequence[dict]) -> dict[str, float]:
+    """Each layer's score over the whole plan: the mean of its row means over every
+    (arch, batch size, optimizer) the rows hold, for the layers with a mean in all of
+    them (a layer missing a setting would be ranked on easier or harder settings)."""
+    return _overall(_by_layer(rows, lambda layer: True), sorted({_setting(r) for r in rows}))
+
+
+def _by_layer(rows: Sequence[dict], keep) -> dict[str, dict[tuple, float]]:
+    by_layer: dict[str, dict[tuple, float]] = defaultdict(dict)
+    for r in rows:
+        if r["mean"] is not None and keep(r["layer"]):
+            by_layer[r["layer"]][_setting(r)] = r["mean"]
+    return by_layer
+
+
+def _overall(by_layer: dict[str, dict[tuple, float]], settings: list[tuple]) -> dict[str, float]:
+    return {layer: sum(got.values()) / len(settings)
+            for layer, got in sorted(by_layer.items()) if len(got) == len(settings)}
+
+
 def proxy_correlation(rows: Sequence[dict], proxy_fitness: dict[str, float | None],
                       unscored: Iterable[str] = ()) -> dict:
     """Kendall tau between the proxy fitness and full-training accuracy, over every layer
@@ -109,13 +129,9 @@ def proxy_correlation(rows: Sequence[dict], proxy_fitness: dict[str, float | Non
     `unscored` (a baseline whose proxy run failed: nothing is known of it) are left out.
     """
     unscored = set(unscored)
+    by_layer = _by_layer(rows, lambda layer: layer in proxy_fitness and layer not in unscored)
     settings = sorted({_setting(r) for r in rows})
-    by_layer: dict[str, dict[tuple, float]] = defaultdict(dict)
-    for r in rows:
-        if r["mean"] is not None and r["layer"] in proxy_fitness and r["layer"] not in unscored:
-            by_layer[r["layer"]][_setting(r)] = r["mean"]
-    complete = sorted(layer for layer, got in by_layer.items() if len(got) == len(settings))
-    overall = {layer: sum(by_layer[layer].values()) / len(settings) for layer in complete}
+    overall = _overall(by_layer, settings)
     return {
         "overall": _tau_entry(overall, proxy_fitness),
         "by_setting": [{"arch": arch, "batch_size": bs, "optimizer": opt,
@@ -177,5 +193,5 @@ def format_table(rows: Sequence[dict], correlation: dict | None = None) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["leaderboard", "best_per_seed", "mean_std", "kendall_tau_b", "proxy_correlation",
+__all__ = ["leaderboard", "overall_means", "best_per_seed", "mean_std", "kendall_tau_b", "proxy_correlation",
            "table_rows", "to_csv", "format_table", "ROW_FIELDS"]
