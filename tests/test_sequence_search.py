@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from evonas.cli import build_parser, main
 from evonas.cli.search import _config
@@ -107,6 +108,28 @@ def test_a_vit_search_on_images_runs_with_the_bidirectional_space(tmp_path):
     assert all(0 <= ev["fitness"]["vit"] <= 1 for ev in evs)
 
 
+def test_placement_post_trains_the_proxies_post_norm(tmp_path):
+    """--placement post: the search's proxies put each norm after its residual sum, and a
+    search with the same seed scores its layers differently than pre-norm."""
+    from evonas.proxy.text import load_text_dataset
+    from evonas.search.evaluate import _trainer
+
+    fitness = {}
+    for placement in ("pre", "post"):
+        run = tmp_path / placement
+        assert main(["search", "--space", "seq_causal", "--budget", "1evals", "--seed-zoo",
+                     "--quality-threshold", "4", "--placement", placement, "--out", str(run),
+                     *TINY_LM]) == 0
+        assert json.loads((run / "config.json").read_text())["placement"] == placement
+        fitness[placement] = [r["evaluation"]["fitness"] for r in journal(run)]
+    assert fitness["pre"] != fitness["post"]
+    config = SearchConfig.from_dict(json.loads((tmp_path / "post" / "config.json").read_text()))
+    data = load_text_dataset("synthetic_text")
+    model = _trainer(zoo.factory("layernorm"), config, "lm", data, seed=0).model
+    assert all(block.post for block in model.trunk.blocks)
+    assert isinstance(model.trunk.norm, torch.nn.Identity)  # post-norm ends normalised
+
+
 def parsed(*flags):
     return build_parser().parse_args(["search", "--budget", "5m", "--out", "unused", *flags])
 
@@ -146,6 +169,13 @@ def test_sequence_spaces_default_to_their_proxy_and_its_sizes(monkeypatch, flags
      "--dataset shakespeare is text, which vit cannot read"),
     (["--space", "seq_causal", "--dataset", "synthetic_text", "--quality-threshold", "0.2"],
      "for a language model it is a loss in bits per character"),
+    (["--space", "norm_act", "--dataset", "synthetic", "--placement", "post"],
+     "--placement post: 'resnet' is a CNN, whose norm-act layers have one place"),
+    # The LM proxy has two blocks: Mix-LN's post-norm quarter would hold none of them.
+    (["--space", "seq_causal", "--dataset", "synthetic_text", "--placement", "mixln"],
+     "--placement mixln on lm (2 blocks)"),
+    (["--space", "seq_causal", "--dataset", "synthetic_text", "--placement", "middle"],
+     "--placement 'middle': use one of pre, post, mixln"),
 ])
 def test_a_layout_or_data_that_does_not_fit_the_task_is_one_line_and_exit_2(
         tmp_path, capsys, flags, says):

@@ -12,6 +12,7 @@ import pytest
 
 from evonas.cli import build_parser
 from evonas.cli.train import config_from_args
+from evonas.errors import EvonasError
 from evonas.fulltrain.config import SEQUENCE_BASELINES, FullTrainConfig
 from evonas.fulltrain.leaderboard import format_table, leaderboard
 
@@ -70,10 +71,10 @@ def test_a_layer_or_network_of_the_other_layout_is_one_line_and_exit_2(lm_run, f
 
 
 def test_the_defaults_follow_the_searched_layers():
-    def config(archs):
+    def config(archs, placement="pre", *flags):
         run = SimpleNamespace(config=SimpleNamespace(dataset="synthetic_text", data_dir=None,
-                                                     archs=archs))
-        return config_from_args(build_parser().parse_args(["train", "RUN"]), run)
+                                                     archs=archs, placement=placement))
+        return config_from_args(build_parser().parse_args(["train", "RUN", *flags]), run)
 
     lm = config(("lm",))
     assert (lm.baselines, lm.archs, lm.optimizers) == (SEQUENCE_BASELINES, ("lm_full",),
@@ -84,10 +85,11 @@ def test_the_defaults_follow_the_searched_layers():
     conv = config(("resnet",))
     assert conv == FullTrainConfig(dataset="synthetic_text")
     # A length given in epochs replaces the LM's default length in steps.
-    run = SimpleNamespace(config=SimpleNamespace(dataset="synthetic_text", data_dir=None,
-                                                 archs=("lm",)))
-    given = config_from_args(build_parser().parse_args(["train", "RUN", "--epochs", "2"]), run)
+    given = config(("lm",), "pre", "--epochs", "2")
     assert (given.epochs, given.steps) == (2, None)
+    # The full-size networks take the search's norm placement, unless told another.
+    assert (lm.placement, config(("lm",), "post").placement) == ("pre", "post")
+    assert config(("lm",), "post", "--placement", "mixln").placement == "mixln"
 
 
 def test_each_optimizer_has_its_own_leaderboard_rows():
@@ -115,3 +117,21 @@ def test_full_training_after_a_sequence_search_is_checked_before_the_search(tmp_
     assert done.returncode == 2
     assert "--baselines bn_relu is a layer for nchw activations" in done.stderr
     assert not out.exists()
+
+
+def test_a_trial_builds_its_transformer_in_the_stage_placement():
+    """Mix-LN on the 6-block lm_full: post-norm in the first block only, pre after."""
+    import torch
+
+    from evonas.fulltrain.trainable import TrialSpec, build
+    from evonas.layers import zoo
+
+    settings = FullTrainConfig(dataset="synthetic_text", archs=("lm_full",), width=16,
+                               baselines=("layernorm",), top=0, epochs=None, steps=2,
+                               placement="mixln")
+    spec = TrialSpec("layernorm", {"genome": zoo.get("layernorm").to_dict(), "zoo": "layernorm",
+                                   "groups": 8}, "lm_full", 4, 0, 1e-3, 0.1, settings, "adamw")
+    model = build(spec, num_classes=65, device=torch.device("cpu"))
+    assert [block.post for block in model.trunk.blocks] == [True] + [False] * 5
+    with pytest.raises(EvonasError, match="'resnet20' is a CNN"):
+        FullTrainConfig(archs=("resnet20",), placement="post")

@@ -48,7 +48,7 @@ FIELDS = {"space": "space", "dataset": "dataset", "data_dir": "data_dir", "seed"
           "tracking_uri": "tracking_uri", "report_every": "report_every_s",
           "full_train_top": "full_train_top", "search_share": "search_share",
           "promote_fraction": "promote_fraction", "rung_min_population": "rung_min_population",
-          "top_rung_seeds": "top_rung_seeds"}
+          "top_rung_seeds": "top_rung_seeds", "placement": "placement"}
 STAGE_FIELDS = {"stability_threshold": "stability_threshold"}
 # Flags whose default depends on the task (config.TASK_DEFAULTS: dataset and proxy family).
 SIZES = {"proxy_steps": "proxy_steps", "proxy_batch": "proxy_batch_size",
@@ -86,6 +86,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="proxy architectures, comma-separated (one objective each); default: "
                    "the space's, the three proxy CNNs for an nchw space, lm for a causal "
                    "sequence space, vit for a bidirectional one")
+    p.add_argument("--placement", help="where a transformer proxy's norms sit: pre "
+                   "(x + F(Norm(x)), GPT-2), post (Norm(x + F(x))) or mixln (post-norm in the "
+                   "first quarter of the blocks, pre after: needs 4 or more); full training "
+                   f"takes the same; {_default('placement')}")
     # Sizes default per task (config.proxy_sizes): smaller on the synthetic sets.
     p.add_argument("--proxy-steps", type=int, help=_size_help("proxy_steps"))
     p.add_argument("--proxy-batch", type=int, help=_size_help("proxy_batch_size"))

@@ -19,9 +19,9 @@ from evonas.fulltrain.config import FullTrainConfig
 # Flags whose value, when given, is the FullTrainConfig field of the same name; a flag
 # not given leaves the field's default, written once, in the dataclass.
 _FIELDS = ("top", "baselines", "archs", "batch_sizes", "trials_per_layer", "epochs", "steps",
-           "reports", "width", "groups", "lr_range", "wd_range", "optimizers", "device", "bf16",
-           "channels_last", "cpus_per_trial", "gpus_per_trial", "workers", "max_retries",
-           "budget", "ray_address", "storage", "tracking_uri")
+           "reports", "width", "groups", "placement", "lr_range", "wd_range", "optimizers",
+           "device", "bf16", "channels_last", "cpus_per_trial", "gpus_per_trial", "workers",
+           "max_retries", "budget", "ray_address", "storage", "tracking_uri")
 
 
 def _default(name: str) -> str:
@@ -88,6 +88,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     what.add_argument("--width", type=int,
                       help=f"channels of the first stage ({_default('width')})")
     what.add_argument("--groups", type=int, help="groups of grouped statistics (the space's)")
+    what.add_argument("--placement", help="where a transformer's norms sit: pre, post or mixln "
+                      "(default: the search's)")
     what.add_argument("--lr-range", type=_range, help=f"learning-rate range at batch 128, "
                       f"log scale ({_range_help('lr_range')})")
     what.add_argument("--wd-range", type=_range,

@@ -83,6 +83,8 @@ class FullTrainConfig:
     optimizers: "sgd" (momentum `momentum`) and/or "adamw"; each is a setting of its own,
     tuned alike and reported in its own leaderboard rows.
     groups: group count of grouped statistics for every layer (None: the search space's).
+    placement: where a transformer's norms sit (proxy/transformer.py), the search's by
+    default; CNNs take only "pre".
     device: "auto" (CUDA when the trial holds GPUs, else CPU), "cpu", "cuda" or "cuda:N".
     bf16: bfloat16 autocast for forward passes; channels_last: NHWC memory format.
     budget: one budget for search plus full training (see stage.py for the rule).
@@ -99,6 +101,7 @@ class FullTrainConfig:
     reports: int = 10
     width: int = 16
     groups: int | None = None
+    placement: str = "pre"
     lr_range: tuple[float, float] | None = None
     wd_range: tuple[float, float] | None = None
     optimizers: tuple[str, ...] = ("sgd",)
@@ -222,6 +225,9 @@ class FullTrainConfig:
         from evonas.layers import zoo
 
         checks.archs("--archs", self.archs)
+        from evonas.proxy.models import check_placement
+
+        check_placement(self.placement, self.archs)
         for name in self.baselines:
             if is_genome_file(name):
                 baseline_genome(name)  # a malformed file fails here, in one line
@@ -321,11 +327,15 @@ def for_search(search_config: Any, budget: str | None = None, **overrides: Any) 
 
 
 def search_defaults(search_config: Any) -> dict[str, Any]:
-    """The settings whose defaults follow the search's layers: SEQUENCE_DEFAULTS for a
-    search of transformer proxies, none (the dataclass's) for one of CNNs."""
+    """The settings whose defaults follow the search's layers: SEQUENCE_DEFAULTS and the
+    proxies' norm placement for a search of transformer proxies, none (the dataclass's)
+    for one of CNNs."""
     from evonas.search.config import proxy_family
 
-    return dict(SEQUENCE_DEFAULTS.get(proxy_family(search_config.archs), {}))
+    family = proxy_family(search_config.archs)
+    if family not in SEQUENCE_DEFAULTS:
+        return {}
+    return {**SEQUENCE_DEFAULTS[family], "placement": search_config.placement}
 
 
 def over(defaults: Mapping[str, Any], chosen: Mapping[str, Any]) -> dict[str, Any]:

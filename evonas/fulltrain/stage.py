@@ -142,6 +142,8 @@ def experiment_name(layers: list[Layer], config: FullTrainConfig, groups: int) -
         # its own experiment: the one optimizer left out, its ranges spelt out.
         del plan["optimizers"]
         plan["lr_range"], plan["wd_range"], _ = config.ranges("sgd")
+    if plan["placement"] == "pre":
+        del plan["placement"]  # the one placement there was before it was a setting
     what = {"plan": plan, "groups": groups,
             "layers": [[layer.name, layer.genome] for layer in layers]}
     digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:10]

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from evonas.errors import EvonasError
-from evonas.proxy.transformer import transformer_lm, vit
+from evonas.proxy.transformer import PLACEMENTS, post_norm_blocks, transformer_lm, vit
 
 NormAct = Callable[..., nn.Module]
 """A layer factory: norm_act(num_features: int, apply_act: bool = True) -> nn.Module."""
@@ -318,6 +318,35 @@ TEXT_ARCHS = ("lm", "lm_full")
 
 PROXY_ARCHS = ("resnet", "mobilenetv2", "efficientnet")
 """The three small architectures the proxy tasks use by default."""
+
+
+def placement_options(arch: str, placement: str) -> dict[str, Any]:
+    """build_model's keywords for a norm placement (transformer.py: pre, post, mixln):
+    the transformers take it; a CNN has one place for each norm-act layer, so it takes
+    only the default "pre" and no keyword."""
+    if placement not in PLACEMENTS:
+        raise EvonasError(f"--placement {placement!r}: use one of {', '.join(PLACEMENTS)}")
+    if arch in SEQUENCE_ARCHS:
+        return {"placement": placement}
+    if placement != "pre":
+        raise EvonasError(f"--placement {placement}: {arch!r} is a CNN, whose norm-act layers "
+                          f"have one place; placements are for the transformers "
+                          f"({', '.join(SEQUENCE_ARCHS)}): drop --placement")
+    return {}
+
+
+def check_placement(placement: str, archs) -> None:
+    """The placement suits every architecture: a transformer too shallow for Mix-LN's
+    post-norm quarter fails here, before any model is built."""
+    for arch in archs:
+        if placement_options(arch, placement):
+            builder, preset = ARCHS[arch]
+            depth = preset.get("depth", inspect.signature(builder).parameters["depth"].default)
+            try:
+                post_norm_blocks(placement, depth)
+            except EvonasError as err:
+                raise EvonasError(f"--placement {placement} on {arch} ({depth} blocks): "
+                                  f"{err}") from None
 
 
 def build_model(arch: str, norm_act: NormAct, width: int, num_classes: int = 10,

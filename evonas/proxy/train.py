@@ -29,7 +29,7 @@ from torch import nn
 
 from evonas.errors import EvonasError
 from evonas.proxy.data import Dataset
-from evonas.proxy.models import ARCHS, NormAct, build_model
+from evonas.proxy.models import ARCHS, NormAct, build_model, check_placement, placement_options
 
 _PAD = 4  # random-crop padding, as in the standard CIFAR augmentation
 # "sgd": with config.momentum, for the CNNs; "adamw": betas (0.9, 0.95), the usual setting
@@ -46,6 +46,7 @@ class ProxyConfig:
     candidate layer's own parameters are left undecayed, as BatchNorm's usually are.
     eval_size caps how many validation images are scored (all when None);
     train_loss_curve in the result holds the mean loss of every log_every steps.
+    placement is where a transformer's norms sit (transformer.py); CNNs take only "pre".
     """
 
     arch: str = "resnet"
@@ -63,6 +64,7 @@ class ProxyConfig:
     eval_size: int | None = None
     eval_batch_size: int = 500
     log_every: int = 10
+    placement: str = "pre"
 
     def __post_init__(self) -> None:
         if not isinstance(self.arch, str) or self.arch not in ARCHS:
@@ -84,6 +86,7 @@ class ProxyConfig:
         if self.optimizer not in OPTIMIZERS:
             raise EvonasError(f"proxy optimizer {self.optimizer!r} is unknown: use one of "
                               f"{', '.join(OPTIMIZERS)}")
+        check_placement(self.placement, (self.arch,))
 
     def _check_float(self, name: str, *, low: float, high: float | None = None,
                      low_open: bool = False) -> None:
@@ -218,7 +221,9 @@ class ProxyTrainer:
                                  for s in np.random.SeedSequence(seed).spawn(2))
         with _seeded_global_rng(model_seed, self.device):
             self.model = build_model(config.arch, norm_act, config.width,
-                                     num_classes=data.num_classes).to(self.device)
+                                     num_classes=data.num_classes,
+                                     **placement_options(config.arch, config.placement)
+                                     ).to(self.device)
         self.optimizer = _make_optimizer(self.model, config)
         self.gen = torch.Generator().manual_seed(data_seed)
         self._batches = self._batch_stream()

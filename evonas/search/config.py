@@ -188,6 +188,9 @@ class SearchConfig:
     proxy_lr: float = 0.1
     proxy_width: int = 16
     proxy_eval_size: int | None = 2000
+    # Where a transformer proxy's norms sit (proxy/transformer.py: pre, post, mixln); the
+    # full training of the search's layers takes the same placement unless told otherwise.
+    placement: str = "pre"
     # The fidelity ladder (driver.py): training lengths, strictly increasing, the first
     # the proxy's own (proxy_steps); empty: no ladder. A candidate whose mean fitness at a
     # rung is among the best promote_fraction of that rung's scores (once the rung holds
@@ -324,6 +327,9 @@ class SearchConfig:
         checks.archs("--archs", self.archs)
         checks.dataset("--dataset", self.dataset)
         check_task(space, self.archs, self.dataset)
+        from evonas.proxy.models import check_placement
+
+        check_placement(self.placement, self.archs)
         self._check_quality_threshold()
         self.check_budget()
 

@@ -33,7 +33,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from evonas.layers.genome import Genome
 from evonas.layers.interpreter import layer_factory
 from evonas.proxy.data import load_dataset
-from evonas.proxy.models import SEQUENCE_ARCHS, TEXT_ARCHS, build_model
+from evonas.proxy.models import SEQUENCE_ARCHS, TEXT_ARCHS, build_model, placement_options
 from evonas.proxy.text import eval_windows
 from evonas.proxy.train import ProxyConfig, ProxyTrainer
 from evonas.proxy.train_transformer import LM_PROXY, VIT_PROXY, LMTrainer, lm_fitness
@@ -74,7 +74,8 @@ def _proxy_config(config: SearchConfig, arch: str, steps: int | None = None) -> 
     return dataclasses.replace(recipe, arch=arch, width=config.proxy_width,
                                steps=steps or config.proxy_steps,
                                batch_size=config.proxy_batch_size,
-                               lr=config.proxy_lr, eval_size=config.proxy_eval_size)
+                               lr=config.proxy_lr, eval_size=config.proxy_eval_size,
+                               placement=config.placement)
 
 
 def _trainer(factory, config: SearchConfig, arch: str, data, steps: int | None = None,
@@ -185,8 +186,8 @@ def _stability_on(arch: str, factory, data, config: SearchConfig, seed: int, dev
     s = config.stages
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = build_model(arch, factory, config.proxy_width,
-                            num_classes=data.num_classes).to(device)
+        model = build_model(arch, factory, config.proxy_width, num_classes=data.num_classes,
+                            **placement_options(arch, config.placement)).to(device)
     if arch in TEXT_ARCHS:
         # The first windows of the training text: fixed, so every candidate is probed alike.
         x, y = eval_windows(data.train, model.context, s.stability_batch)
