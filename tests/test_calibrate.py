@@ -5,6 +5,7 @@ it, and `evonas calibrate` scoring proxy settings on it and resuming without red
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -76,7 +77,8 @@ def _evonas(*args, cwd):
 
 
 @pytest.mark.slow
-def test_panel_from_a_full_training_then_calibration_that_resumes_without_redoing(tmp_path):
+def test_panel_from_a_full_training_then_calibration_that_resumes_without_redoing(tmp_path,
+                                                                                 capsys):
     assert _evonas("search", *SEARCH, "--out", "run", cwd=tmp_path).returncode == 0
     # A panel's layer of no search or zoo, as a genome file: x * sigmoid(x).
     swish = {"format": "evonas.genome/1", "output": "n2",
@@ -96,6 +98,7 @@ def test_panel_from_a_full_training_then_calibration_that_resumes_without_redoin
         {r["layer"]: r["mean"] for r in board})
     assert {"bn_relu", "gn_relu", "swish"} <= set(panel["layers"]) and len(panel["layers"]) == 4
     assert panel["layers"]["swish"]["genome"]["nodes"] == swish["nodes"]
+    _panel_grows_run_by_run(tmp_path, panel, capsys)
 
     flags = ["calibrate", "--panel", "panel", "--out", "cal", "--trials", "1", "--archs",
              "resnet", "--steps", "6,8", "--batches", "16", "--widths", "4"]
@@ -122,6 +125,43 @@ def test_panel_from_a_full_training_then_calibration_that_resumes_without_redoin
     again = _evonas(*flags, cwd=tmp_path)  # resumed: nothing re-evaluated
     assert again.returncode == first.returncode
     assert (tmp_path / "cal" / "evaluations.jsonl").read_text().splitlines() == lines
+
+
+def _panel_grows_run_by_run(tmp_path, panel, capsys):
+    """--panel-from RUN1,RUN2: runs trained alike, each with part of the layers, make the
+    panel one run with all of them makes; runs trained otherwise, or a layer in two, are
+    refused in one line."""
+    def part(name, keep):
+        shutil.copytree(tmp_path / "run", tmp_path / name)
+        path = tmp_path / name / "fulltrain" / "summary.json"
+        summary = json.loads(path.read_text())
+        summary["layers"] = [x for x in summary["layers"] if x["layer"] in keep]
+        summary["leaderboard"] = [r for r in summary["leaderboard"] if r["layer"] in keep]
+        path.write_text(json.dumps(summary))
+
+    part("part1", {"swish"})
+    part("part2", set(panel["layers"]) - {"swish"})
+
+    def calibrate(out, runs):
+        code = main(["calibrate", "--panel", str(tmp_path / out), "--panel-from",
+                     ",".join(str(tmp_path / r) for r in runs)])
+        return code, capsys.readouterr().err
+
+    # The stage's summary holds every genome: a genome file moved away since is not needed.
+    (tmp_path / "swish.json").unlink()
+    code, err = calibrate("merged", ["part1", "part2"])
+    assert code == 0, err
+    merged = json.loads((tmp_path / "merged" / "panel.json").read_text())
+    assert merged["layers"] == panel["layers"]
+
+    code, err = calibrate("twice", ["run", "part1"])
+    assert code == 2 and "layer 'swish' is in " in err and "part1 and an earlier run" in err
+    config = tmp_path / "part1" / "fulltrain" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "steps": 8}))
+    code, err = calibrate("longer", ["part2", "part1"])
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "part1 trained with steps 8, " in err and "part2 with 4" in err
+    assert not (tmp_path / "twice").exists() and not (tmp_path / "longer").exists()
 
 
 def test_a_missing_panel_is_one_line_and_writes_nothing(tmp_path, capsys):

@@ -8,6 +8,9 @@ LR search, seeds) trained the layers, so every calibration reuses one measuremen
     evonas train RUN --top 8 --baselines bn_relu,gn_relu,...   (the full trainings)
     evonas calibrate --panel DIR --panel-from RUN              (writes DIR/panel.json)
 
+A panel too large for one stretch of machine time is trained as several runs with the
+same settings, each a subset of the layers, and built with --panel-from RUN1,RUN2,...
+
 A layer's score is the one `evonas train`'s own rank correlation ranks it by
 (leaderboard.overall_means): the mean, over every setting the training planned, of its
 seeds' mean test accuracy; a layer missing a setting is left out of the panel.
@@ -58,16 +61,63 @@ def panel_from_run(run_path: str | Path) -> Panel:
         name, cid = layer["layer"], layer["candidate_id"]
         if name not in outcome:  # not trained in every setting
             continue
-        # a baseline is "zoo:<name>" or "file:<path>", as `evonas train --baselines` took it
-        genome = (baseline_genome(cid.split(":", 1)[1]) if cid.startswith(("zoo:", "file:"))
-                  else Genome.from_dict(run.state.candidates[cid].genome))
+        # Summaries written before they held genomes: a baseline is "zoo:<name>" or
+        # "file:<path>", as `evonas train --baselines` took it, else a search candidate.
+        if "genome" in layer:
+            genome = Genome.from_dict(layer["genome"], source=f"{summary_path}:{name}")
+        elif cid.startswith(("zoo:", "file:")):
+            genome = baseline_genome(cid.split(":", 1)[1])
+        else:
+            genome = Genome.from_dict(run.state.candidates[cid].genome)
         genomes[name] = genome.to_dict()
         rows[name] = [r for r in summary["leaderboard"]
                       if r["layer"] == name and r["mean"] is not None]
-    if len(outcome) < 2:
-        raise EvonasError(f"{run_path}: full training completed {len(outcome)} layer(s) in "
-                          f"every setting; a panel needs two or more (resume `evonas train`)")
+    if not outcome:
+        raise EvonasError(f"{run_path}: full training completed no layer in every setting; "
+                          f"resume `evonas train {run_path}`")
     return Panel(run.config.dataset, genomes, outcome, rows, str(Path(run_path).resolve()))
+
+
+def panel_from_runs(run_paths) -> Panel:
+    """One panel from the layers of several `evonas train` runs, so a panel can grow run
+    by run (one stretch of machine time each). Their scores are comparable only when the
+    runs trained alike: the same dataset and plan (networks, batch sizes, seeds, length,
+    optimizers, tuning) are required, and a layer may be in one run only."""
+    run_paths = list(run_paths)
+    if not run_paths:
+        raise EvonasError("--panel-from needs a run folder of `evonas train`")
+    panels = [panel_from_run(path) for path in run_paths]
+    plans = [_training_plan(path) for path in run_paths]
+    genomes, outcome, rows = {}, {}, {}
+    for path, panel, plan in zip(run_paths, panels, plans):
+        for key in plans[0]:
+            if plan[key] != plans[0][key]:
+                raise EvonasError(
+                    f"--panel-from: {path} trained with {key} {plan[key]!r}, {run_paths[0]} with "
+                    f"{plans[0][key]!r}; a panel's layers must be trained alike (train the "
+                    f"missing layers with the first run's settings)")
+        twice = sorted(set(panel.outcome) & set(outcome))
+        if twice:
+            raise EvonasError(f"--panel-from: layer {twice[0]!r} is in {path} and an earlier "
+                              f"run; give each layer one run")
+        genomes.update(panel.genomes)
+        outcome.update(panel.outcome)
+        rows.update(panel.rows)
+    if len(outcome) < 2:
+        raise EvonasError(f"--panel-from: {len(outcome)} layer trained in every setting; a "
+                          f"panel needs two or more (resume `evonas train`, or add a run)")
+    return Panel(panels[0].dataset, genomes, outcome, rows, ",".join(p.source for p in panels))
+
+
+def _training_plan(run_path) -> dict:
+    """What decides a full training's scores (FullTrainConfig.plan_fields), less which
+    layers it trained."""
+    from evonas.fulltrain.config import training_plan
+
+    plan = training_plan(json.loads((Path(run_path) / "fulltrain" / "config.json").read_text()))
+    for key in ("top", "baselines"):
+        plan.pop(key)
+    return plan
 
 
 def write_panel(panel: Panel, folder: str | Path) -> Path:
@@ -106,4 +156,4 @@ def load_panel(folder: str | Path) -> Panel:
     return panel
 
 
-__all__ = ["Panel", "load_panel", "panel_from_run", "write_panel"]
+__all__ = ["Panel", "load_panel", "panel_from_run", "panel_from_runs", "write_panel"]

@@ -31,8 +31,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "candidate; choose the cheapest setting that loses no good layer and is within one "
         "discordant pair of the best tau. Re-run the same command to resume.")
     p.add_argument("--panel", required=True, metavar="DIR", help="the panel folder (panel.json)")
-    p.add_argument("--panel-from", metavar="RUN", help="build the panel from the layers "
-                   "`evonas train RUN` trained fully, then stop unless --out is given")
+    p.add_argument("--panel-from", metavar="RUN", type=names, help="build the panel from the "
+                   "layers `evonas train RUN` trained fully (RUN1,RUN2,...: several runs "
+                   "trained alike, each a part of the panel), then stop unless --out is given")
     p.add_argument("--out", metavar="DIR", help="calibration folder: study, evaluations, "
                    "calibration.json, proxy_config.json")
     p.add_argument("--trials", type=int, default=20,
@@ -42,12 +43,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--archs", type=names, help="proxy architectures, comma-separated "
                    "(a search's default)")
     p.add_argument("--data-dir", help="where the panel's dataset lies")
-    p.add_argument("--steps", type=whole_numbers("100,300"), default=space.steps, help="proxy step counts to "
-                   f"try ({','.join(map(str, space.steps))})")
-    p.add_argument("--batches", type=whole_numbers("100,300"), default=space.batches, help="proxy batch sizes "
-                   f"to try ({','.join(map(str, space.batches))})")
-    p.add_argument("--widths", type=whole_numbers("100,300"), default=space.widths, help="proxy widths to try "
-                   f"({','.join(map(str, space.widths))})")
+    p.add_argument("--steps", type=whole_numbers("100,300"), default=space.steps,
+                   help=f"proxy step counts to try ({','.join(map(str, space.steps))})")
+    p.add_argument("--batches", type=whole_numbers("64,128"), default=space.batches,
+                   help=f"proxy batch sizes to try ({','.join(map(str, space.batches))})")
+    p.add_argument("--widths", type=whole_numbers("8,16"), default=space.widths,
+                   help=f"proxy widths to try ({','.join(map(str, space.widths))})")
     p.add_argument("--workers", type=int, default=0, help="parallel evaluations on Ray "
                    "(0: in this process)")
     p.add_argument("--ray-address", help="a Ray cluster to run them on")
@@ -58,7 +59,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from evonas.calibrate.panel import load_panel, panel_from_run, write_panel
+    from evonas.calibrate.panel import load_panel, panel_from_runs, write_panel
     from evonas.calibrate.sweep import SweepSpace, calibrate, format_results
     from evonas.errors import EvonasError
     from evonas.proxy.data import ensure_dataset
@@ -69,7 +70,7 @@ def _run(args: argparse.Namespace) -> int:
 
     checks.whole("--trials", args.trials, minimum=0)
     if args.panel_from:
-        panel = panel_from_run(args.panel_from)
+        panel = panel_from_runs(args.panel_from)
         path = write_panel(panel, args.panel)
         print(f"panel of {len(panel.outcome)} layers written to {path}")
         if not args.out:

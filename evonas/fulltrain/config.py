@@ -22,6 +22,7 @@ under one of them is seen to.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 from typing import Any, Mapping
@@ -272,7 +273,7 @@ class FullTrainConfig:
 
     def plan_fields(self) -> dict[str, Any]:
         """The settings that decide what is trained (see _EXECUTION_ONLY)."""
-        return {k: v for k, v in self.to_dict().items() if k not in _EXECUTION_ONLY}
+        return training_plan(self.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -285,6 +286,15 @@ class FullTrainConfig:
             raise EvonasError(f"unknown full-training setting {unknown[0]!r}; known: "
                               f"{', '.join(sorted(known))}")
         return cls(**dict(data))
+
+
+def training_plan(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings that decide what is trained (see _EXECUTION_ONLY), of a stage's
+    config.json as written, a setting it predates at its default. Not checked again as
+    FullTrainConfig would: a genome file it trained may have moved since."""
+    defaults = {f.name: f.default for f in dataclasses.fields(FullTrainConfig)}
+    plan = {k: v for k, v in {**defaults, **settings}.items() if k not in _EXECUTION_ONLY}
+    return json.loads(json.dumps(plan))  # tuples as lists, as a config.json read back has
 
 
 def is_genome_file(name: str) -> bool:
@@ -402,6 +412,6 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     return tuple(values)
 
 
-__all__ = ["FullTrainConfig", "for_search", "search_defaults", "check_stage_budget",
-           "parse_seeds", "OPTIMIZERS", "SEQUENCE_DEFAULTS",
+__all__ = ["FullTrainConfig", "training_plan", "for_search", "search_defaults",
+           "check_stage_budget", "parse_seeds", "OPTIMIZERS", "SEQUENCE_DEFAULTS",
            "LR_REFERENCE_BATCH", "DEFAULT_BASELINES", "DEFAULT_ARCHS", "DEFAULT_BATCH_SIZES"]

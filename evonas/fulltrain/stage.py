@@ -638,8 +638,11 @@ def _summarize(stage: Stage, records: list[dict]) -> dict:
     counts = Counter(r["status"] for r in records)
     return {
         "experiment": stage.experiment_path(),
+        # Each layer's genome, so the summary stands alone (a calibration panel built from
+        # it needs neither the search's state nor a genome file's path).
         "layers": [{"layer": layer.name, "candidate_id": layer.candidate_id,
-                    "proxy_fitness": fitness[layer.name]} for layer in stage.layers],
+                    "proxy_fitness": fitness[layer.name], "genome": layer.genome}
+                   for layer in stage.layers],
         "trials": {"planned": stage.planned, "started": len(records),
                    **{s: counts.get(s, 0) for s in STATUSES},
                    "stopped_by_budget": len(stage.state.get("budget_stopped", ()))},
