@@ -172,8 +172,10 @@ def _plot(result: dict, path: Path) -> None:
         ax1.plot(range(1, len(r["curve_best"]) + 1), r["curve_best"], color=c, alpha=0.8,
                  label=name)
         ax2.plot([s / 3600 for s in r["curve_spent_s"]], r["curve_best"], color=c, alpha=0.8)
-    ax1.set(xlabel="evaluations", ylabel="best mean proxy accuracy")
-    ax2.set(xlabel="CPU-hours spent", ylabel="best mean proxy accuracy")
+    # Fitness is accuracy for the classifiers, -(bits per character) for the LM.
+    ylabel = "best mean proxy fitness"
+    ax1.set(xlabel="evaluations", ylabel=ylabel)
+    ax2.set(xlabel="CPU-hours spent", ylabel=ylabel)
     ax1.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
