@@ -224,10 +224,9 @@ class FullTrainConfig:
         """Architectures, zoo layers, dataset and budget exist (imports kept light), and
         the budget can be spent by these trials."""
         from evonas.layers import zoo
-
-        checks.archs("--archs", self.archs)
         from evonas.proxy.models import check_placement
 
+        checks.archs("--archs", self.archs)
         check_placement(self.placement, self.archs)
         for name in self.baselines:
             if is_genome_file(name):

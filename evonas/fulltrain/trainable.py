@@ -40,7 +40,7 @@ from torch import nn
 from evonas.errors import EvonasError
 from evonas.fulltrain.config import LR_REFERENCE_BATCH, FullTrainConfig
 from evonas.proxy.data import load_cifar10_test, load_dataset
-from evonas.proxy.models import SEQUENCE_ARCHS, build_model, placement_options
+from evonas.proxy.models import SEQUENCE_ARCHS, build_model
 from evonas.proxy.text import TEXT_DATASETS, eval_windows, sample_windows
 from evonas.proxy.train import ProxyConfig, _make_optimizer, lr_at, random_crop_flip
 from evonas.runtime.limits import limit_worker, task_device
@@ -206,7 +206,7 @@ def build(spec: TrialSpec, num_classes: int, device: torch.device) -> nn.Module:
         torch.manual_seed(_mix(spec.seed, 0))
         model = build_model(spec.arch, layer_norm_act(spec, groups), spec.settings.width,
                             num_classes=num_classes,
-                            **placement_options(spec.arch, spec.settings.placement))
+                            placement=spec.settings.placement)
     model = model.to(device)
     if spec.settings.channels_last:
         model = model.to(memory_format=torch.channels_last)

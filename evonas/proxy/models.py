@@ -320,7 +320,7 @@ PROXY_ARCHS = ("resnet", "mobilenetv2", "efficientnet")
 """The three small architectures the proxy tasks use by default."""
 
 
-def placement_options(arch: str, placement: str) -> dict[str, Any]:
+def _placement_options(arch: str, placement: str) -> dict[str, Any]:
     """build_model's keywords for a norm placement (transformer.py: pre, post, mixln):
     the transformers take it; a CNN has one place for each norm-act layer, so it takes
     only the default "pre" and no keyword."""
@@ -339,7 +339,7 @@ def check_placement(placement: str, archs) -> None:
     """The placement suits every architecture: a transformer too shallow for Mix-LN's
     post-norm quarter fails here, before any model is built."""
     for arch in archs:
-        if placement_options(arch, placement):
+        if _placement_options(arch, placement):
             builder, preset = ARCHS[arch]
             depth = preset.get("depth", inspect.signature(builder).parameters["depth"].default)
             try:
@@ -350,10 +350,12 @@ def check_placement(placement: str, archs) -> None:
 
 
 def build_model(arch: str, norm_act: NormAct, width: int, num_classes: int = 10,
-                **kw: Any) -> nn.Module:
-    """Build an architecture by name around norm_act; kw goes to the family's builder."""
+                placement: str = "pre", **kw: Any) -> nn.Module:
+    """Build an architecture by name around norm_act; placement is where a transformer's
+    norms sit (a CNN takes only "pre"), kw goes to the family's builder."""
     if arch not in ARCHS:
         raise EvonasError(f"unknown architecture {arch!r}: use one of {', '.join(ARCHS)}")
+    kw = {**_placement_options(arch, placement), **kw}
     builder, preset = ARCHS[arch]
     options = set(inspect.signature(builder).parameters) - {"norm_act", "norm_layer", "width",
                                                              "num_classes"}

@@ -29,7 +29,7 @@ from torch import nn
 
 from evonas.errors import EvonasError
 from evonas.proxy.data import Dataset
-from evonas.proxy.models import ARCHS, NormAct, build_model, check_placement, placement_options
+from evonas.proxy.models import ARCHS, NormAct, build_model, check_placement
 
 _PAD = 4  # random-crop padding, as in the standard CIFAR augmentation
 # "sgd": with config.momentum, for the CNNs; "adamw": betas (0.9, 0.95), the usual setting
@@ -222,8 +222,7 @@ class ProxyTrainer:
         with _seeded_global_rng(model_seed, self.device):
             self.model = build_model(config.arch, norm_act, config.width,
                                      num_classes=data.num_classes,
-                                     **placement_options(config.arch, config.placement)
-                                     ).to(self.device)
+                                     placement=config.placement).to(self.device)
         self.optimizer = _make_optimizer(self.model, config)
         self.gen = torch.Generator().manual_seed(data_seed)
         self._batches = self._batch_stream()

@@ -322,13 +322,12 @@ class SearchConfig:
         can be spent by these evaluations on this machine, so a typo or a budget that
         would never run out fails before Ray starts or a file is written, not an hour in."""
         from evonas.layers.space import load_space
+        from evonas.proxy.models import check_placement
 
         space = load_space(self.space)
         checks.archs("--archs", self.archs)
         checks.dataset("--dataset", self.dataset)
         check_task(space, self.archs, self.dataset)
-        from evonas.proxy.models import check_placement
-
         check_placement(self.placement, self.archs)
         self._check_quality_threshold()
         self.check_budget()

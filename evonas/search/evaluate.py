@@ -33,7 +33,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from evonas.layers.genome import Genome
 from evonas.layers.interpreter import layer_factory
 from evonas.proxy.data import load_dataset
-from evonas.proxy.models import SEQUENCE_ARCHS, TEXT_ARCHS, build_model, placement_options
+from evonas.proxy.models import SEQUENCE_ARCHS, TEXT_ARCHS, build_model
 from evonas.proxy.text import eval_windows
 from evonas.proxy.train import ProxyConfig, ProxyTrainer
 from evonas.proxy.train_transformer import LM_PROXY, VIT_PROXY, LMTrainer, lm_fitness
@@ -187,7 +187,7 @@ def _stability_on(arch: str, factory, data, config: SearchConfig, seed: int, dev
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build_model(arch, factory, config.proxy_width, num_classes=data.num_classes,
-                            **placement_options(arch, config.placement)).to(device)
+                            placement=config.placement).to(device)
     if arch in TEXT_ARCHS:
         # The first windows of the training text: fixed, so every candidate is probed alike.
         x, y = eval_windows(data.train, model.context, s.stability_batch)
