@@ -203,6 +203,18 @@ def test_open_names_what_is_missing(tmp_path):
         RunFolder.open(tmp_path)
 
 
+def test_a_run_kept_without_its_artifacts_folder_opens_and_gets_it_back(tmp_path):
+    # What a clone of a run committed to git holds: git keeps no empty folder.
+    with RunFolder.create(tmp_path / "s1", {"a": 1}) as folder:
+        folder.write_state({"step": 3})
+    (tmp_path / "s1" / "artifacts").rmdir()
+    with RunFolder.open(tmp_path / "s1", lock=False) as folder:  # a reader writes nothing
+        assert folder.read_state() == {"step": 3}
+    assert not (tmp_path / "s1" / "artifacts").exists()
+    with RunFolder.open(tmp_path / "s1") as folder:
+        assert folder.artifacts_dir.is_dir() and folder.read_config() == {"a": 1}
+
+
 def test_open_removes_temp_files_of_interrupted_writes(tmp_path):
     RunFolder.create(tmp_path / "s1", {"a": 1}).release()
     stale = tmp_path / "s1" / ".state.json.999.0badf00d.tmp"

@@ -210,14 +210,19 @@ class RunFolder:
                               f"check the path, or start a new search without --resume")
         if not folder.path.is_dir():
             raise EvonasError(f"{folder.path}: a file, not a run folder; check the path")
+        # A run's state kept without its artifacts/ (git keeps no empty folder: a run
+        # committed to a repository and cloned) is still a run; its writer remakes it.
+        copied_state = folder.state_path.is_file() and not folder.artifacts_dir.exists()
         missing = [name for name, present in ((CONFIG, folder.config_path.is_file()),
-                                              (ARTIFACTS + "/", folder.artifacts_dir.is_dir()))
+                                              (ARTIFACTS + "/", folder.artifacts_dir.is_dir()
+                                               or copied_state))
                    if not present]
         if missing:
             raise EvonasError(f"{folder.path}: not a run folder ({' and '.join(missing)} "
                               f"missing); check the path, or start a new search without --resume")
         if lock:
             folder.lock()
+            folder.artifacts_dir.mkdir(exist_ok=True)
         return folder
 
     def _check_creatable(self) -> None:
