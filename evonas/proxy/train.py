@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from evonas.errors import EvonasError
+from evonas.runtime import checks
 from evonas.proxy.data import Dataset
 from evonas.proxy.models import ARCHS, NormAct, build_model, check_placement
 
@@ -71,9 +72,9 @@ class ProxyConfig:
             raise EvonasError(f"proxy arch {self.arch!r} is unknown: use one of "
                               f"{', '.join(ARCHS)}")
         for name in ("width", "steps", "batch_size", "eval_batch_size", "log_every"):
-            _check_int(name, getattr(self, name), minimum=1)
+            checks.whole(f"proxy {name}", getattr(self, name), minimum=1)
         if self.eval_size is not None:
-            _check_int("eval_size", self.eval_size, minimum=1)
+            checks.whole("proxy eval_size", self.eval_size, minimum=1)
         self._check_float("lr", low=0.0, low_open=True)
         self._check_float("momentum", low=0.0, high=1.0)
         self._check_float("weight_decay", low=0.0)
@@ -118,11 +119,6 @@ class ProxyConfig:
         if unknown:
             raise EvonasError(f"unknown proxy setting {unknown[0]!r}: use {', '.join(known)}")
         return cls(**data)
-
-
-def _check_int(name: str, value: Any, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise EvonasError(f"proxy {name} must be an integer >= {minimum}, got {value!r}")
 
 
 @dataclasses.dataclass
@@ -180,14 +176,10 @@ def check_run(config: ProxyConfig, seed: int, num_threads: int | None,
     """Check the arguments of a proxy training that do not depend on its data."""
     if not isinstance(config, ProxyConfig):
         raise EvonasError(f"train_proxy needs a ProxyConfig, got {type(config).__name__}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise EvonasError(f"seed must be a non-negative integer, got {seed!r}")
+    checks.whole("seed", seed, minimum=0)
     if num_threads is not None:
-        _check_int("num_threads", num_threads, minimum=1)
-    if max_seconds is not None and (isinstance(max_seconds, bool)
-                                    or not isinstance(max_seconds, (int, float))
-                                    or not max_seconds > 0):
-        raise EvonasError(f"max_seconds must be a positive number, got {max_seconds!r}")
+        checks.whole("num_threads", num_threads, minimum=1)
+    checks.time_limit("max_seconds", max_seconds)
 
 
 @contextlib.contextmanager
