@@ -320,6 +320,38 @@ def test_stage_trains_tunes_ranks_and_logs_to_mlflow(run_copy):
     assert "fulltrain.kendall_tau" in parent_run.data.metrics
     files = {f.path for f in client.list_artifacts(parent, "fulltrain")}
     assert {"fulltrain/leaderboard.csv", "fulltrain/leaderboard.json"} <= files
+    _a_clone_without_its_mlflow_store(run_copy, config, summary)
+
+
+def _a_clone_without_its_mlflow_store(run_copy, config, summary):
+    """What git keeps of a run committed to a repository (no mlflow.db, no artifacts/):
+    the stage re-run keeps its results and says MLflow lacks the search's run; the
+    search's resume logs the search again, every candidate once."""
+    from mlflow.tracking import MlflowClient
+
+    from evonas.fulltrain.stage import run_full_training
+
+    clone = run_copy.parent / "clone"
+    shutil.copytree(run_copy, clone,
+                    ignore=shutil.ignore_patterns("lock", "mlflow.db", "artifacts"))
+    lines = []
+    again = run_full_training(str(clone), config, progress=lines.append)
+    assert again["leaderboard"] == summary["leaderboard"]
+    assert any("is not in" in line and "evonas search --resume" in line for line in lines)
+    old_parent = json.loads((clone / "state.json").read_text())["parent_run_id"]
+
+    done = subprocess.run([sys.executable, "-m", "evonas", "search", "--resume", str(clone)],
+                          capture_output=True, text=True, timeout=300, env=_env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"MLflow run {old_parent} is not in" in done.stderr
+    state = json.loads((clone / "state.json").read_text())
+    assert state["parent_run_id"] != old_parent
+    client = MlflowClient(f"sqlite:///{clone / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("evonas").experiment_id
+    children = client.search_runs([exp], f"tags.mlflow.parentRunId = '{state['parent_run_id']}'",
+                                  max_results=100)
+    logged = sorted(r.data.tags["evonas.candidate_id"] for r in children)
+    assert logged == sorted(load_run(clone).state.evaluations)
 
 
 def test_a_spent_ledger_stops_the_running_trial_at_its_report_and_starts_no_other(run_copy):

@@ -684,6 +684,13 @@ def _log_mlflow(run: Run, config: FullTrainConfig, records: list[dict], summary:
     # The search's store: a SQLite store keeps its artifacts beside it, in the run folder.
     uri = config.tracking_uri or run.config.tracking_uri or RunFolder(run.path).tracking_uri
     tracker = Tracker(uri)
+    if not tracker.exists(parent):
+        # A store made anew (a run folder copied without mlflow.db): the stage's results
+        # are in fulltrain/ all the same; the search's resume rebuilds its record.
+        progress(f"fulltrain: the search's MLflow run {parent} is not in {uri}; nothing "
+                 f"logged to MLflow (`evonas search --resume {run.path}` logs the search "
+                 f"again, then re-run this command to log the stage)")
+        return
     log_stage(tracker, parent, records, summary["leaderboard"], summary)
 
 

@@ -132,6 +132,16 @@ class Tracker:
             self._write(run_id, params, None, 0, folder, artifact_uri)
         return run_id
 
+    def exists(self, run_id: str) -> bool:
+        """Whether the store holds this run (not one made anew since the id was kept)."""
+        try:
+            self.client.get_run(run_id)
+        except MlflowException as err:
+            if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return False
+            raise
+        return True
+
     def resume(self, run_id: str) -> None:
         """Mark a run RUNNING again (a resumed search continues the same run)."""
         self.client.update_run(run_id, status="RUNNING")

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import math
 import signal
+import sys
 import time
 from collections import Counter
 from functools import partial
@@ -497,13 +498,24 @@ class Search:
             self.writer = WriterProcess(partial(_new_tracker, uri, location))
         else:  # a tracker built by the caller lives in this process
             self.writer = WriterThread(self.tracker)
+        if (self.state.parent_run_id is not None
+                and not self.tracker.has_search(self.state.parent_run_id)):
+            # The store was made anew (a run folder copied without mlflow.db, as git keeps
+            # a committed run, or another --tracking-uri): the run folder holds every
+            # finished candidate, so the record is rebuilt under a new search run.
+            print(f"search: MLflow run {self.state.parent_run_id} is not in "
+                  f"{self.tracker.tracking_uri}; logging every finished candidate again "
+                  f"under a new run", file=sys.stderr)
+            self.state.parent_run_id = None
         if self.state.parent_run_id is None:
             name = Path(self.folder.path).name
             self.state.parent_run_id = self.tracker.start_search(
                 name, self.config.to_dict(), {"evonas.run_folder": str(Path(self.folder.path).resolve())})
             self.save()
-            return
-        self.tracker.resume_search(self.state.parent_run_id)
+            if not self.state.evaluations:  # a new search: nothing to log again
+                return
+        else:
+            self.tracker.resume_search(self.state.parent_run_id)
         logged = self.tracker.reconcile(self.state.parent_run_id, set(self.state.evaluations))
         missing = sorted(set(self.state.evaluations) - logged)
         for cid in missing:

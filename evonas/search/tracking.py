@@ -80,6 +80,10 @@ class SearchTracker:
         return self.runs.start_parent(run_name, SEARCH_KIND, tags=tags, params=config,
                                       texts=texts)
 
+    def has_search(self, parent_run_id: str) -> bool:
+        """Whether the store holds the search's parent run."""
+        return self.runs.exists(parent_run_id)
+
     def resume_search(self, parent_run_id: str) -> None:
         """Mark the search's run RUNNING again (a resumed search continues the same run)."""
         self.runs.resume(parent_run_id)
