@@ -1,61 +1,30 @@
 """Full training (evonas/fulltrain/): real Ray Tune and Optuna on synthetic data, tiny sizes.
 
-One small search run (module fixture) feeds every stage here; each stage works on its
-own copy of the run folder. The Ray stages start an embedded Ray of two CPUs.
+One small search run (module fixture, fulltrainrun.py) feeds every stage here; each stage
+works on its own copy of the run folder. The Ray stages start an embedded Ray of two CPUs.
+A stage stopped by its budget, failing or killed is in test_fulltrain_resume.py.
 """
 
 import copy
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
+from fulltrainrun import SEARCH, TINY, one_thread_env
 from sockets import descendants, is_loopback, listening_addresses
 
 from evonas.cli import main
 from evonas.errors import EvonasError
 from evonas.fulltrain.config import FullTrainConfig, parse_seeds
-from evonas.fulltrain.leaderboard import kendall_tau_b, leaderboard, mean_std, proxy_correlation
+from evonas.fulltrain.leaderboard import (format_table, kendall_tau_b, leaderboard, mean_std,
+                                          proxy_correlation)
 from evonas.search.results import load_run
 
 pytestmark = pytest.mark.slow
-
-SEARCH = ["--space", "norm_act_s", "--budget", "6evals", "--workers", "0", "--dataset",
-          "synthetic", "--archs", "resnet", "--proxy-steps", "12", "--quality-steps", "6",
-          "--quality-threshold", "0.05", "--proxy-batch", "32", "--proxy-width", "8",
-          "--stability-steps", "2", "--population", "4", "--tournament", "2"]
-# Two layers (the search's best and a zoo baseline), ResNet-20 at width 4, a few steps.
-TINY = dict(top=1, baselines=("bn_relu",), archs=("resnet20",), dataset="synthetic",
-            epochs=None, steps=4, reports=2, width=4, workers=2)
-
-
-def _env():
-    # One thread per process: this machine's two cores are shared, and two 2-thread torch
-    # processes on two cores run 4x slower than one.
-    return {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(scope="module")
-def search_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("search") / "s"
-    done = subprocess.run([sys.executable, "-m", "evonas", "search", *SEARCH, "--out", str(out)],
-                          capture_output=True, text=True, timeout=300, env=_env())
-    assert done.returncode == 0, done.stderr
-    return out
-
-
-@pytest.fixture
-def run_copy(search_run, tmp_path):
-    dest = tmp_path / "run"
-    shutil.copytree(search_run, dest, ignore=shutil.ignore_patterns("lock", "fulltrain"))
-    return dest
-
 
 # --- pure parts ------------------------------------------------------------------------
 
@@ -98,6 +67,29 @@ def test_leaderboard_takes_each_seeds_best_trial_by_validation_and_scores_it_on_
     assert (rejected_a["tau"], rejected_a["rejected"]) == (-1.0, ["a"])
     # A layer whose proxy run failed says nothing of the proxy: left out.
     assert proxy_correlation(rows, {"a": 0.9, "b": None}, unscored=["b"])["overall"]["n"] == 1
+
+
+def test_a_seed_that_diverged_at_every_trial_scores_zero_and_others_say_nothing_of_the_layer():
+    asha = {"status": "stopped", "stopped_by": "asha"}
+    records = [_record("c", 8, 0, 0.6, 0.50), _record("c", 8, 1, 0.0, None, status="diverged"),
+               {**_record("c", 8, 1, 0.3, None, tid="c-asha"), **asha},
+               # A trial that failed or the budget stopped might have completed: unscored.
+               _record("d", 8, 0, 0.6, 0.40), _record("d", 8, 1, 0.0, None, status="diverged"),
+               _record("d", 8, 1, 0.0, None, status="failed"),
+               _record("e", 8, 0, 0.6, 0.30), _record("e", 8, 1, 0.0, None, status="diverged"),
+               {**_record("e", 8, 1, 0.2, None, tid="e-budget"), "status": "stopped",
+                "stopped_by": "budget"}]
+    rows = leaderboard(records, ["c", "d", "e"], ["resnet20"], [8])
+    assert [r["layer"] for r in rows] == ["d", "e", "c"]
+    d, e, c = rows
+    # c's lucky seed alone would rank it first; its diverged seed counts as accuracy 0.
+    assert (c["layer"], c["n"], c["diverged"]) == ("c", 2, 1) and c["mean"] == pytest.approx(0.25)
+    assert c["seeds"][1] == {"seed": 1, "test_accuracy": 0.0, "diverged": True}
+    assert (d["layer"], d["n"], d["diverged"], d["mean"]) == ("d", 1, 0, 0.40)
+    assert (e["layer"], e["n"], e["diverged"], e["mean"]) == ("e", 1, 0, 0.30)
+    assert "0.2500 ± 0.3536 (2, 1 diverged)" in format_table([c])
+    assert proxy_correlation(rows, {"c": 0.9, "d": 0.5, "e": 0.1})["overall"]["tau"] == \
+        pytest.approx(-1 / 3)
 
 
 def test_a_stage_begun_before_optimizers_were_a_setting_keeps_its_experiment_name():
@@ -341,7 +333,7 @@ def _a_clone_without_its_mlflow_store(run_copy, config, summary):
     old_parent = json.loads((clone / "state.json").read_text())["parent_run_id"]
 
     done = subprocess.run([sys.executable, "-m", "evonas", "search", "--resume", str(clone)],
-                          capture_output=True, text=True, timeout=300, env=_env())
+                          capture_output=True, text=True, timeout=300, env=one_thread_env())
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"MLflow run {old_parent} is not in" in done.stderr
     state = json.loads((clone / "state.json").read_text())
@@ -352,138 +344,6 @@ def _a_clone_without_its_mlflow_store(run_copy, config, summary):
                                   max_results=100)
     logged = sorted(r.data.tags["evonas.candidate_id"] for r in children)
     assert logged == sorted(load_run(clone).state.evaluations)
-
-
-def test_a_spent_ledger_stops_the_running_trial_at_its_report_and_starts_no_other(run_copy):
-    from evonas.search.budget import Budget, Ledger
-    from evonas.fulltrain.stage import run_full_training
-
-    search_state = json.loads((run_copy / "state.json").read_text())
-    ledger = Ledger.from_state(search_state["ledger"])
-    # What the search left of the whole budget: a millisecond, less than any report costs.
-    ledger.budget = Budget("device", ledger.device_seconds("cpu") + 1e-3, "cpu")
-    config = FullTrainConfig(**{**TINY, "baselines": (), "workers": 1, "steps": 40,
-                                "reports": 4}, batch_sizes=(16,), seeds=(0,),
-                             trials_per_layer=3)
-    summary = run_full_training(str(run_copy), config, ledger, progress=lambda line: None)
-    assert summary["trials"]["planned"] == 3 and summary["trials"]["started"] == 1
-    (trial,) = json.loads((run_copy / "fulltrain" / "trials.json").read_text())
-    # The one trial that started stopped at its first report (step 10 of 40), not at 40.
-    assert trial["status"] == "stopped" and trial["steps_done"] == 10
-    assert trial["reason"] == "the budget was spent: stopped after step 10"
-    assert summary["trials"]["stopped_by_budget"] == 1
-    charged = ledger.summary()["stages"]["fulltrain"]["device_seconds"]["cpu"]
-    assert ledger.exhausted() and 0 < charged <= trial["seconds"] + 1e-6
-
-
-# Fault injection, run in Ray workers: this module is pickled by value for them.
-FAULTS = {"dir": ""}
-
-
-def _faulty_train_layer(config):
-    from evonas.fulltrain.trainable import TrialSpec, TuneReporter, run_trial
-
-    folder = Path(FAULTS["dir"])
-    if config["layer"] == "bn_relu":
-        with open(folder / "raised", "a") as f:
-            f.write("x\n")
-        raise RuntimeError("injected fault in bn_relu")
-
-    class KillOnce(TuneReporter):
-        def restore(self):
-            state = super().restore()
-            if state is not None:
-                (folder / "restored_at").write_text(str(state["step"]))
-            return state
-
-        def report(self, metrics, state):
-            if metrics["step"] == 4 and not (folder / "killed").exists():
-                (folder / "killed").write_text("")
-                os.kill(os.getpid(), signal.SIGKILL)  # the worker dies mid-trial
-            super().report(metrics, state)
-
-    run_trial(TrialSpec.from_config(config), KillOnce())
-
-
-def test_failing_trial_is_retried_then_recorded_and_a_killed_worker_does_not_stop_the_stage(
-        run_copy, tmp_path, monkeypatch):
-    from ray import cloudpickle
-
-    from evonas.fulltrain import stage
-
-    FAULTS["dir"] = str(tmp_path)
-    module = sys.modules[__name__]
-    cloudpickle.register_pickle_by_value(module)
-    monkeypatch.setattr(stage, "train_layer", _faulty_train_layer)
-    try:
-        config = FullTrainConfig(**TINY, batch_sizes=(16,), seeds=(0,), trials_per_layer=1,
-                                 max_retries=1)
-        summary = stage.run_full_training(str(run_copy), config, progress=lambda line: None)
-    finally:
-        cloudpickle.unregister_pickle_by_value(module)
-    records = {r["layer"]: r for r in
-               json.loads((run_copy / "fulltrain" / "trials.json").read_text())}
-    failed = records["bn_relu"]
-    assert failed["status"] == "failed" and failed["attempts"] == 2
-    assert "RuntimeError: injected fault in bn_relu" in failed["reason"]
-    assert (tmp_path / "raised").read_text().count("x") == 2  # the first try and one retry
-    survivor = next(r for name, r in records.items() if name != "bn_relu")
-    assert survivor["status"] == "completed" and survivor["attempts"] == 2
-    assert (tmp_path / "restored_at").read_text() == "2"  # went on from its checkpoint
-    assert [p["step"] for p in survivor["curve"]] == [2, 4]
-    rows = {r["layer"]: r for r in summary["leaderboard"]}
-    assert rows["bn_relu"]["mean"] is None and rows[survivor["layer"]]["n"] == 1
-
-
-def _terminated(experiment):
-    """Trial ids Tune's saved experiment state counts as finished."""
-    states = sorted(experiment.glob("experiment_state-*.json"))
-    if not states:
-        return set()
-    try:
-        data = json.loads(states[-1].read_text())
-    except ValueError:  # caught mid-write
-        return set()
-    return {json.loads(t[0])["trial_id"] for t in data["trial_data"]
-            if json.loads(t[0])["status"] == "TERMINATED"}
-
-
-def test_killed_driver_resumes_the_stage_without_redoing_finished_trials(run_copy):
-    cmd = [sys.executable, "-m", "evonas", "train", str(run_copy), "--top", "1",
-           "--baselines", "bn_relu", "--archs", "resnet20", "--batch-sizes", "16", "--seeds", "1",
-           "--trials-per-layer", "3", "--steps", "30", "--reports", "3", "--width", "4",
-           "--workers", "1", "--dataset", "synthetic"]
-    # Tune saves its experiment state every 10 s or more by default; every half second
-    # here, so the kill comes soon after two trials are on record, on any machine's speed.
-    env = {**_env(), "TUNE_GLOBAL_CHECKPOINT_S": "0.5"}
-    driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True, env=env)
-    tune_dir = run_copy / "fulltrain" / "tune"
-    finished, deadline = set(), time.monotonic() + 600  # a slow, shared machine included
-    try:
-        while len(finished) < 2 and driver.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-            finished = set().union(*(_terminated(e) for e in tune_dir.glob("fulltrain-*")))
-        assert driver.poll() is None, "the stage ended before it could be killed"
-        assert len(finished) >= 2, "no trial finished in time"
-        before = {}
-        for tid in finished:
-            result = next(tune_dir.glob(f"fulltrain-*/{tid}-*/result.json"))
-            before[tid] = (result, result.stat().st_mtime_ns, result.read_text())
-    finally:
-        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started
-        driver.wait()
-
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env())
-    assert again.returncode == 0, again.stderr
-    assert "resuming" in again.stderr
-    for tid, (result, mtime, text) in before.items():
-        assert result.stat().st_mtime_ns == mtime and result.read_text() == text, tid
-    records = json.loads((run_copy / "fulltrain" / "trials.json").read_text())
-    assert finished <= {r["trial_id"] for r in records}
-    summary = json.loads((run_copy / "fulltrain" / "summary.json").read_text())
-    assert summary["trials"]["started"] == summary["trials"]["planned"] == 6
-    assert sorted(summary["trials_per_layer"].values()) == [3, 3]
 
 
 # --- evonas search --full-train-top ---------------------------------------------------
@@ -502,7 +362,7 @@ def test_search_then_full_training_in_one_command_on_one_budget(tmp_path):
     done = subprocess.run([sys.executable, "-m", "evonas", "search", *flags, "--out", str(out),
                            "--full-train-top", "1", "--full-train-config", str(settings),
                            "--search-share", "0.05"],
-                          capture_output=True, text=True, timeout=600, env=_env())
+                          capture_output=True, text=True, timeout=600, env=one_thread_env())
     assert done.returncode == 0, done.stderr[-3000:]
     state = json.loads((out / "state.json").read_text())
     # The search's best layer, as the search ranks it (the run folder's reader).
@@ -545,6 +405,6 @@ def test_full_train_config_is_checked_before_the_search_starts(tmp_path):
         done = subprocess.run([sys.executable, "-m", "evonas", "search", *SEARCH, "--out",
                                str(out), "--full-train-top", "1", "--budget", "1cpu-h",
                                "--full-train-config", str(bad)],
-                              capture_output=True, text=True, timeout=120, env=_env())
+                              capture_output=True, text=True, timeout=120, env=one_thread_env())
         assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
         assert message in done.stderr and not out.exists()

@@ -13,7 +13,9 @@ same settings, each a subset of the layers, and built with --panel-from RUN1,RUN
 
 A layer's score is the one `evonas train`'s own rank correlation ranks it by
 (leaderboard.overall_means): the mean, over every setting the training planned, of its
-seeds' mean test accuracy; a layer missing a setting is left out of the panel.
+seeds' mean test accuracy (a seed that diverged at accuracy 0); a layer missing a setting
+is left out of the panel. The rows are computed again from the run's trial records
+(fulltrain/trials.json), so a panel kept as data is scored by today's rules.
 """
 
 from __future__ import annotations
@@ -45,17 +47,22 @@ class Panel:
 
 def panel_from_run(run_path: str | Path) -> Panel:
     """The layers an `evonas train RUN` trained fully, with their scores and genomes."""
-    from evonas.fulltrain.config import baseline_genome
-    from evonas.fulltrain.leaderboard import overall_means
+    from evonas.fulltrain.config import baseline_genome, training_plan
+    from evonas.fulltrain.leaderboard import leaderboard, overall_means
     from evonas.search.results import load_run
 
     run = load_run(run_path)
-    summary_path = Path(run_path) / "fulltrain" / "summary.json"
+    stage = Path(run_path) / "fulltrain"
+    summary_path = stage / "summary.json"
     if not summary_path.is_file():
         raise EvonasError(f"{run_path} has no full training yet ({summary_path} is missing); "
                           f"run `evonas train {run_path}` first")
     summary = json.loads(summary_path.read_text())
-    outcome = overall_means(summary["leaderboard"])
+    plan = training_plan(json.loads((stage / "config.json").read_text()))
+    board = leaderboard(json.loads((stage / "trials.json").read_text()),
+                        [layer["layer"] for layer in summary["layers"]], plan["archs"],
+                        plan["batch_sizes"], plan["optimizers"])
+    outcome = overall_means(board)
     genomes, rows = {}, {}
     for layer in summary["layers"]:
         name, cid = layer["layer"], layer["candidate_id"]
@@ -70,8 +77,7 @@ def panel_from_run(run_path: str | Path) -> Panel:
         else:
             genome = Genome.from_dict(run.state.candidates[cid].genome)
         genomes[name] = genome.to_dict()
-        rows[name] = [r for r in summary["leaderboard"]
-                      if r["layer"] == name and r["mean"] is not None]
+        rows[name] = [r for r in board if r["layer"] == name and r["mean"] is not None]
     if not outcome:
         raise EvonasError(f"{run_path}: full training completed no layer in every setting; "
                           f"resume `evonas train {run_path}`")

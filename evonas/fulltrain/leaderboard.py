@@ -10,7 +10,12 @@ accuracy (for a language model: of the next character; its bits per character be
 averaged over seeds, of each seed's best completed trial, "best" by validation accuracy:
 hyperparameters are chosen on the validation split and judged on the test split, so the
 tuning cannot flatter the score. Trials ASHA stopped early, diverged or failed are not
-eligible (a seed with none completed contributes nothing, and n says how many did).
+eligible. A seed none of whose trials completed contributes nothing (n says how many
+did), except one whose trials diverged and none failed or was cut short: that is the
+layer's own outcome, a network it cannot train, and it scores accuracy 0 (what a
+diverged proxy training scores), so a layer that diverges on one seed of two is not
+ranked by its lucky seed alone. Its bits per character are not averaged in (infinite);
+the row's `diverged` says how many seeds were.
 """
 
 from __future__ import annotations
@@ -41,6 +46,19 @@ def best_per_seed(records: Iterable[dict]) -> dict[tuple, dict]:
     return best
 
 
+def diverged_seeds(records: Iterable[dict]) -> set[tuple]:
+    """(layer, arch, batch_size, optimizer, seed) whose trials all ended diverged or
+    stopped by ASHA, one at least diverged: the layer trained and blew up at every
+    learning rate that got far enough. A failed, interrupted or budget-stopped trial says
+    nothing of the layer, so a seed with one is left unscored instead."""
+    ends: dict[tuple, set[str]] = defaultdict(set)
+    for r in records:
+        key = (r["layer"], r["arch"], r["batch_size"], r.get("optimizer", "sgd"), r["seed"])
+        by_asha = r["status"] == "stopped" and r.get("stopped_by") != "budget"
+        ends[key].add("asha" if by_asha else r["status"])
+    return {key for key, got in ends.items() if "diverged" in got and got <= {"diverged", "asha"}}
+
+
 def _better(a: dict, b: dict) -> bool:
     """Higher validation accuracy; on a tie the smaller trial id, so the pick is stable."""
     return (a["val_accuracy"], b["trial_id"]) > (b["val_accuracy"], a["trial_id"])
@@ -63,6 +81,7 @@ def leaderboard(records: Sequence[dict], layers: Sequence[str], archs: Sequence[
     within each (arch, batch size, optimizer); rows without a completed trial keep
     mean/std None."""
     best = best_per_seed(records)
+    blown = diverged_seeds(records)
     counts: dict[tuple, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for r in records:
         counts[(r["layer"], r["arch"], r["batch_size"], r.get("optimizer", "sgd"))][r["status"]] += 1
@@ -70,25 +89,29 @@ def leaderboard(records: Sequence[dict], layers: Sequence[str], archs: Sequence[
     for arch in archs:
         for bs in batch_sizes:
             for opt in optimizers:
-                block = [_row((layer, arch, bs, opt), best, counts[(layer, arch, bs, opt)])
-                         for layer in layers]
+                block = [_row((layer, arch, bs, opt), best, blown,
+                              counts[(layer, arch, bs, opt)]) for layer in layers]
                 block.sort(key=lambda row: (row["mean"] is None, -(row["mean"] or 0.0),
                                             row["layer"]))
                 rows.extend(block)
     return rows
 
 
-def _row(setting: tuple, best: dict, counts: dict[str, int]) -> dict:
+def _row(setting: tuple, best: dict, blown: set, counts: dict[str, int]) -> dict:
     layer, arch, bs, opt = setting
     picks = sorted((k[4], r) for k, r in best.items() if k[:4] == setting)
-    mean, std = mean_std([r["test_accuracy"] for _, r in picks])
+    seeds = [{"seed": seed, "test_accuracy": r["test_accuracy"],
+              "val_accuracy": r["val_accuracy"], "lr": r["lr"],
+              "weight_decay": r["weight_decay"], "trial_id": r["trial_id"]}
+             for seed, r in picks]
+    diverged = sorted(k[4] for k in blown if k[:4] == setting)
+    seeds += [{"seed": seed, "test_accuracy": 0.0, "diverged": True} for seed in diverged]
+    seeds.sort(key=lambda s: s["seed"])
+    mean, std = mean_std([s["test_accuracy"] for s in seeds])
     bpcs = [r["test_bpc"] for _, r in picks if r.get("test_bpc") is not None]
     return {"layer": layer, "arch": arch, "batch_size": bs, "optimizer": opt, "mean": mean,
-            "std": std, "n": len(picks), "bpc": mean_std(bpcs)[0] if bpcs else None,
-            "seeds": [{"seed": seed, "test_accuracy": r["test_accuracy"],
-                       "val_accuracy": r["val_accuracy"], "lr": r["lr"],
-                       "weight_decay": r["weight_decay"], "trial_id": r["trial_id"]}
-                      for seed, r in picks],
+            "std": std, "n": len(seeds), "diverged": len(diverged),
+            "bpc": mean_std(bpcs)[0] if bpcs else None, "seeds": seeds,
             "trials": dict(sorted(counts.items()))}
 
 
@@ -178,8 +201,9 @@ def format_table(rows: Sequence[dict], correlation: dict | None = None) -> str:
     """The leaderboard as the CLI prints it, with the rank correlation under it."""
     lines = [f"{'arch':<18} {'batch':>5} {'optimizer':<9}  {'layer':<14} {'test acc':>17}"]
     for r in rows:
+        blown = f", {r['diverged']} diverged" if r.get("diverged") else ""
         score = ("no completed trial" if r["mean"] is None
-                 else f"{r['mean']:.4f} ± {r['std']:.4f} ({r['n']})")
+                 else f"{r['mean']:.4f} ± {r['std']:.4f} ({r['n']}{blown})")
         if r.get("bpc") is not None:
             score += f"  {r['bpc']:.3f} bits per character"
         lines.append(f"{r['arch']:<18} {r['batch_size']:>5} {r.get('optimizer', 'sgd'):<9}  "
@@ -193,5 +217,5 @@ def format_table(rows: Sequence[dict], correlation: dict | None = None) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["leaderboard", "overall_means", "best_per_seed", "mean_std", "kendall_tau_b", "proxy_correlation",
+__all__ = ["leaderboard", "overall_means", "best_per_seed", "diverged_seeds", "mean_std", "kendall_tau_b", "proxy_correlation",
            "table_rows", "to_csv", "format_table", "ROW_FIELDS"]

@@ -426,6 +426,7 @@ def trial_record(result, layers: dict[str, Layer], state: dict) -> dict | None:
     metrics = result.metrics or {}
     trial_id = metrics.get("trial_id") or Path(result.path).name.split("-", 1)[0]
     curve = _curve(result)
+    stopped_by = None  # a stopped trial: "budget" or "asha" (leaderboard.diverged_seeds)
     if result.error is not None:
         status = "failed"
         why = state.get("errors", {}).get(trial_id) or reason(getattr(result.error, "cause", None)
@@ -437,16 +438,17 @@ def trial_record(result, layers: dict[str, Layer], state: dict) -> dict | None:
     elif metrics.get("completed"):
         status, why = "completed", None
     elif trial_id in state.get("budget_stopped", ()):
-        status, why = "stopped", (f"the budget was spent: stopped after step "
-                                  f"{metrics.get('step', 0)}")
+        status, why, stopped_by = "stopped", (f"the budget was spent: stopped after step "
+                                              f"{metrics.get('step', 0)}"), "budget"
     else:
-        status, why = "stopped", "stopped early by ASHA (below its rung's cut)"
+        status, why, stopped_by = "stopped", "stopped early by ASHA (below its rung's cut)", "asha"
     layer = layers[cfg["layer"]]
     return {"trial_id": trial_id, "layer": layer.name, "candidate_id": layer.candidate_id,
             "arch": cfg["arch"], "batch_size": cfg["batch_size"], "seed": cfg["seed"],
             "optimizer": cfg.get("optimizer", "sgd"),
             "lr": cfg["lr"], "lr_effective": cfg["lr"] * cfg["batch_size"] / LR_REFERENCE_BATCH,
             "weight_decay": cfg["weight_decay"], "status": status, "reason": why,
+            "stopped_by": stopped_by,
             "attempts": 1 + state.get("retries", {}).get(trial_id, 0),
             "steps_done": metrics.get("step", 0), "val_accuracy": metrics.get("val_accuracy"),
             "test_accuracy": metrics.get("test_accuracy") if status == "completed" else None,
