@@ -11,9 +11,11 @@ Three phases, each reading what the previous one left in --out-dir:
 `search` runs `evonas search` once per (controller, seed), --parallel at a time, each on
 one CPU thread in-process (--workers 0), evolution and random search of one seed side by
 side, so that both see the same load on the machine, with the same CPU-hour budget (an
-evaluation count, `--budget 100evals`, works too). `analyse` writes results.json and
-best_so_far.png: the best mean proxy fitness against evaluations and against CPU-seconds,
-read off at the same CPU spend and evaluation count for every run. `compare` trains the
+evaluation count, `--budget 100evals`, works too); --proxy-config and --rungs give every
+search a calibration's proxy and a fidelity ladder. `analyse` writes results.json and
+best_so_far.png: the best mean fitness at the top rung (the proxy's, without a ladder)
+against evaluations and against CPU-seconds (the ladder's trainings included), read off at
+the same CPU spend and evaluation count for every run. `compare` trains the
 best layer found by evolution beside bn_relu, gn_relu, evonorm_b0 and evonorm_s0 at
 batch 128 and batch 8.
 """
@@ -42,11 +44,14 @@ PROXY_FLAGS = {"archs": "--archs", "proxy_steps": "--proxy-steps",
                "quality_steps": "--quality-steps", "quality_threshold": "--quality-threshold",
                "batch": "--proxy-batch", "width": "--proxy-width",
                "stability_steps": "--stability-steps"}
+# Passed to every search when given: a calibration's settings and the fidelity ladder.
+SEARCH_FLAGS = {"proxy_config": "--proxy-config", "rungs": "--rungs",
+                "top_rung_seeds": "--top-rung-seeds"}
 
 
 def search_args(args, controller: str, seed: int, out: Path) -> list[str]:
-    proxy = [x for field, flag in PROXY_FLAGS.items() if getattr(args, field) is not None
-             for x in (flag, str(getattr(args, field)))]
+    proxy = [x for field, flag in {**PROXY_FLAGS, **SEARCH_FLAGS}.items()
+             if getattr(args, field) is not None for x in (flag, str(getattr(args, field)))]
     return [sys.executable, "-m", "evonas", "search", "--space", args.space,
             "--budget", args.budget, "--dataset", args.dataset, "--data-dir", args.data_dir,
             "--out", str(out), "--workers", "0", "--controller", controller,
@@ -77,26 +82,51 @@ def phase_search(args) -> None:
 
 
 def _load(run: Path) -> dict:
-    """state.json with the journal's evaluations (search/state.py)."""
+    """state.json with the journal's evaluations (search/state.py), and the timeline of
+    the search's best layer (_curve)."""
     from evonas.search.runfolder import RunFolder
     from evonas.search.state import read
 
     raw, finished = read(RunFolder.open(run, lock=False))
-    return {**raw, "evaluations": {k: e.to_dict() for k, e in finished.evaluations.items()}}
+    reached = Counter(f"rung{steps}" for by_steps in finished.rungs.values()
+                      for steps, result in by_steps.items() if result.fitness)
+    return {**raw, "evaluations": {k: e.to_dict() for k, e in finished.evaluations.items()},
+            "reached": dict(sorted(reached.items())), "curve": _curve(run, raw)}
 
 
-def _curve(state: dict) -> tuple[list[float], list[float]]:
-    """Best-so-far mean proxy fitness after each evaluation, and device-seconds spent."""
-    # -inf until the first survivor: an LM's fitness (-bits per character) is negative.
-    best, spent, out_best, out_spent = -float("inf"), 0.0, [], []
-    for cid in sorted(state["evaluations"]):
-        ev = state["evaluations"][cid]
-        spent += sum(ev["stage_seconds"].values())
-        if ev["status"] == "survivor":
-            best = max(best, statistics.mean(ev["fitness"].values()))
-        out_best.append(best)
-        out_spent.append(spent)
-    return out_best, out_spent
+def _curve(run: Path, raw: dict) -> dict[str, list]:
+    """One point per finished evaluation or rung training, in the order the journal holds
+    them: the best mean fitness at the search's top rung so far (-inf until a layer
+    reaches it; an LM's fitness, -bits per character, is negative), the device-seconds
+    spent, the ladder's trainings included, and the evaluations finished.
+
+    The top rung is what a search with a fidelity ladder selects by (SearchState.rank_key
+    puts it first); without a ladder it is the proxy itself. Scores of lower rungs are
+    not comparable with it (a longer training scores higher), so they count as cost only."""
+    from evonas.search.state import journal_entries
+
+    rungs = json.loads((run / "config.json").read_text()).get("rungs") or []
+    top = rungs[-1] if len(rungs) > 1 else None  # None: the proxy is the top rung
+    best, spent, evaluations = -float("inf"), 0.0, 0
+    curve: dict[str, list] = {"best": [], "spent_s": [], "evaluations": []}
+    for entry in journal_entries(run / "journal.jsonl", int(raw["journal_bytes"])):
+        if "evaluation" in entry:
+            ev = entry["evaluation"]
+            spent += sum(ev["stage_seconds"].values())
+            evaluations += 1
+            if top is None and ev["status"] == "survivor":
+                best = max(best, statistics.mean(ev["fitness"].values()))
+        elif "rung" in entry:
+            rung = entry["rung"]
+            spent += rung["seconds"]
+            if rung["steps"] == top and rung["fitness"]:
+                best = max(best, statistics.mean(rung["fitness"].values()))
+        else:  # a promotion: decided, not yet trained
+            continue
+        curve["best"].append(best)
+        curve["spent_s"].append(spent)
+        curve["evaluations"].append(evaluations)
+    return curve
 
 
 def phase_analyse(args) -> dict:
@@ -106,14 +136,15 @@ def phase_analyse(args) -> dict:
     stopped, stage_cost, stage_n = Counter(), Counter(), Counter()
     total_evals, total_seconds, driver_seconds = 0, 0.0, 0.0
     for name, state in runs.items():
-        best, spent = _curve(state)
+        best, spent, counted = (state["curve"][k] for k in ("best", "spent_s", "evaluations"))
         evs = list(state["evaluations"].values())
         result["runs"][name] = {
             "evaluations": len(evs), "best": best[-1] if best else 0.0,
             "best_at_half": best[len(best) // 2 - 1] if best else 0.0,
             "device_seconds": spent[-1] if spent else 0.0,
             "statuses": dict(Counter(e["status"] for e in evs)),
-            "curve_best": best, "curve_spent_s": spent}
+            "reached": state["reached"],  # candidates trained at each rung above the proxy
+            "curve_best": best, "curve_spent_s": spent, "curve_evaluations": counted}
         for e in evs:
             stage = {"survivor": "survived", "duplicate": "duplicate",
                      "failed": "failed"}.get(e["status"], e["reject_stage"])
@@ -135,12 +166,13 @@ def phase_analyse(args) -> dict:
     # all runs reached, so neither controller is credited with work the other never did.
     curves = result["runs"].values()
     equal_s = min(r["curve_spent_s"][-1] for r in curves) if result["runs"] else 0.0
-    equal_n = min(len(r["curve_best"]) for r in curves) if result["runs"] else 0
+    equal_n = min(r["evaluations"] for r in curves) if result["runs"] else 0
     result["equal_cpu_seconds"], result["equal_evaluations"] = equal_s, equal_n
     for r in curves:
         r["best_at_equal_cpu"] = max([b for b, t in zip(r["curve_best"], r["curve_spent_s"])
                                       if t <= equal_s] or [0.0])
-        r["best_at_equal_evals"] = r["curve_best"][equal_n - 1] if equal_n else 0.0
+        r["best_at_equal_evals"] = max([b for b, n in zip(r["curve_best"], r["curve_evaluations"])
+                                        if n <= equal_n] or [0.0])
     for c in CONTROLLERS:
         mine = [r for n, r in result["runs"].items() if n.startswith(c)]
         if mine:
@@ -169,11 +201,11 @@ def _plot(result: dict, path: Path) -> None:
     colours = {"evolution": "tab:red", "random": "tab:blue"}
     for name, r in result["runs"].items():
         c = colours[name.split("-")[0]]
-        ax1.plot(range(1, len(r["curve_best"]) + 1), r["curve_best"], color=c, alpha=0.8,
+        ax1.plot(r["curve_evaluations"], r["curve_best"], color=c, alpha=0.8,
                  label=name)
         ax2.plot([s / 3600 for s in r["curve_spent_s"]], r["curve_best"], color=c, alpha=0.8)
     # Fitness is accuracy for the classifiers, -(bits per character) for the LM.
-    ylabel = "best mean proxy fitness"
+    ylabel = "best mean fitness at the top rung"
     ax1.set(xlabel="evaluations", ylabel=ylabel)
     ax2.set(xlabel="CPU-hours spent", ylabel=ylabel)
     ax1.legend(fontsize=7)
@@ -268,6 +300,10 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--width", type=int, default=8)
     p.add_argument("--stability-steps", type=int, default=5)
+    p.add_argument("--proxy-config", help="evonas calibrate's proxy_config.json (with "
+                   "--task-defaults: its settings, not this script's proxy)")
+    p.add_argument("--rungs", help="the fidelity ladder, e.g. 300,1200,4800")
+    p.add_argument("--top-rung-seeds", type=int)
     p.add_argument("--population", type=int, default=20)
     p.add_argument("--tournament", type=int, default=5)
     p.add_argument("--random-fraction", type=float, default=0.5)
