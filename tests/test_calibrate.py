@@ -98,6 +98,11 @@ def test_panel_from_a_full_training_then_calibration_that_resumes_without_redoin
         {r["layer"]: r["mean"] for r in board})
     assert {"bn_relu", "gn_relu", "swish"} <= set(panel["layers"]) and len(panel["layers"]) == 4
     assert panel["layers"]["swish"]["genome"]["nodes"] == swish["nodes"]
+    # It prints the panel, best first, each layer's score and its seed's accuracy.
+    printed = built.stdout.splitlines()
+    best = max(panel["layers"], key=lambda name: panel["layers"][name]["score"])
+    assert printed[1].split()[:2] == [best, f"{panel['layers'][best]['score']:.4f}"]
+    assert len(printed) == 2 + len(panel["layers"])
     _panel_grows_run_by_run(tmp_path, panel, capsys)
 
     flags = ["calibrate", "--panel", "panel", "--out", "cal", "--trials", "1", "--archs",

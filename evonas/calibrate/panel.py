@@ -126,6 +126,22 @@ def _training_plan(run_path) -> dict:
     return plan
 
 
+def format_panel(panel: Panel) -> str:
+    """The panel as `--panel-from` prints it, best first: each layer's score and, per
+    setting it was trained in, its seeds' test accuracies (a diverged seed says so)."""
+    settings = sorted({(r["arch"], r["batch_size"], r.get("optimizer", "sgd"))
+                       for rows in panel.rows.values() for r in rows})
+    head = "  ".join(f"{arch} b{bs} {opt}" for arch, bs, opt in settings)
+    lines = [f"{'layer':<24} {'score':>6}  {head}"]
+    for name in sorted(panel.outcome, key=lambda n: (-panel.outcome[n], n)):
+        by_setting = {(r["arch"], r["batch_size"], r.get("optimizer", "sgd")): r
+                      for r in panel.rows[name]}
+        cells = [", ".join("diverged" if s.get("diverged") else f"{s['test_accuracy']:.4f}"
+                           for s in by_setting[setting]["seeds"]) for setting in settings]
+        lines.append(f"{name:<24} {panel.outcome[name]:>6.4f}  " + "  ".join(cells))
+    return "\n".join(lines)
+
+
 def write_panel(panel: Panel, folder: str | Path) -> Path:
     from evonas.search.runfolder import atomic_write_text
 
@@ -162,4 +178,4 @@ def load_panel(folder: str | Path) -> Panel:
     return panel
 
 
-__all__ = ["Panel", "load_panel", "panel_from_run", "panel_from_runs", "write_panel"]
+__all__ = ["Panel", "format_panel", "load_panel", "panel_from_run", "panel_from_runs", "write_panel"]

@@ -59,7 +59,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from evonas.calibrate.panel import load_panel, panel_from_runs, write_panel
+    from evonas.calibrate.panel import format_panel, load_panel, panel_from_runs, write_panel
     from evonas.calibrate.sweep import SweepSpace, calibrate, format_results
     from evonas.errors import EvonasError
     from evonas.proxy.data import ensure_dataset
@@ -72,6 +72,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.panel_from:
         panel = panel_from_runs(args.panel_from)
         path = write_panel(panel, args.panel)
+        print(format_panel(panel))
         print(f"panel of {len(panel.outcome)} layers written to {path}")
         if not args.out:
             return 0
