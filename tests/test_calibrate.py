@@ -111,6 +111,7 @@ def test_panel_from_a_full_training_then_calibration_that_resumes_without_redoin
     assert first.returncode in (0, 1), first.stderr[-3000:]
     cal = json.loads((tmp_path / "cal" / "calibration.json").read_text())
     assert len(cal["results"]) == 2 and sum(r["defaults"] for r in cal["results"]) == 1
+    assert cal["settings_finished"] == cal["settings_planned"] == 2
     lines = (tmp_path / "cal" / "evaluations.jsonl").read_text().splitlines()
     assert len(lines) == 8  # 4 layers x 2 settings
     # Every result's tau is the whole-panel agreement of what its evaluations found.

@@ -11,7 +11,8 @@ The settings are searched by an Optuna study with two objectives (Kendall's tau 
 seconds per candidate down), stored in SQLite in the output folder: a calibration killed
 at any moment resumes with every finished setting kept, and every finished layer of the
 interrupted one (evaluations.jsonl). Today's defaults are the first setting scored, so
-the report always says how they compare.
+the report always says how they compare. calibration.json is rewritten after every
+setting; proxy_config.json is written once all the settings asked for are scored.
 
 The chosen setting: among the settings that reject none of the panel's good layers, the
 cheapest whose tau is within one discordant pair of the best tau (a smaller difference is
@@ -209,17 +210,27 @@ def calibrate(panel: Panel, base: SearchConfig, out: Path, *, trials: int, space
         trial.set_user_attr("wall_seconds", time.monotonic() - started)
         tau = result["kendall_tau"]
         study.tell(trial, [-1.0 if tau is None else tau, result["seconds_per_candidate"]])
-    results = [{"trial": t.number, "defaults": bool(t.user_attrs.get("defaults")),
-                **t.user_attrs["result"]} for t in done()]
-    pick = chosen(results)
-    calibration = {"dataset": panel.dataset, "archs": list(base.archs), "panel": panel.source,
-                   "panel_layers": sorted(panel.outcome), "results": results,
-                   "pareto_front": [r["trial"] for r in pareto_front(results)],
-                   "chosen": None if pick is None else pick["trial"]}
+        # After every setting, so a calibration stopped part way says what it has measured.
+        _write_json(out / "calibration.json", _calibration(panel, base, done(), trials + 1))
+    calibration = _calibration(panel, base, done(), trials + 1)
     _write_json(out / "calibration.json", calibration)
-    if pick is not None:
+    if calibration["chosen"] is not None:
+        pick = next(r for r in calibration["results"] if r["trial"] == calibration["chosen"])
         _write_json(out / "proxy_config.json", proxy_config_file(calibration, pick))
     return calibration
+
+
+def _calibration(panel: Panel, base: SearchConfig, finished, planned: int) -> dict:
+    """calibration.json: every finished setting's result, the Pareto front, the choice
+    among them, and how many of the planned settings they are."""
+    results = [{"trial": t.number, "defaults": bool(t.user_attrs.get("defaults")),
+                **t.user_attrs["result"]} for t in finished]
+    pick = chosen(results)
+    return {"dataset": panel.dataset, "archs": list(base.archs), "panel": panel.source,
+            "panel_layers": sorted(panel.outcome), "settings_finished": len(results),
+            "settings_planned": planned, "results": results,
+            "pareto_front": [r["trial"] for r in pareto_front(results)],
+            "chosen": None if pick is None else pick["trial"]}
 
 
 def proxy_config_file(calibration: dict, pick: dict) -> dict:
