@@ -131,6 +131,11 @@ def test_panel_from_a_full_training_then_calibration_that_resumes_without_redoin
     again = _evonas(*flags, cwd=tmp_path)  # resumed: nothing re-evaluated
     assert again.returncode == first.returncode
     assert (tmp_path / "cal" / "evaluations.jsonl").read_text().splitlines() == lines
+    # Its evaluations are of ResNet proxies: resumed with another network, it refuses.
+    other = _evonas(*[f if f != "resnet" else "mobilenetv2" for f in flags], cwd=tmp_path)
+    assert other.returncode == 2 and "--archs resnet" in other.stderr
+    assert len(other.stderr.strip().splitlines()) == 1
+    assert (tmp_path / "cal" / "evaluations.jsonl").read_text().splitlines() == lines
 
 
 def _panel_grows_run_by_run(tmp_path, panel, capsys):

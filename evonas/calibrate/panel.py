@@ -178,4 +178,5 @@ def load_panel(folder: str | Path) -> Panel:
     return panel
 
 
-__all__ = ["Panel", "format_panel", "load_panel", "panel_from_run", "panel_from_runs", "write_panel"]
+__all__ = ["Panel", "format_panel", "load_panel", "panel_from_run", "panel_from_runs",
+           "write_panel"]

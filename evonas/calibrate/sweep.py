@@ -12,7 +12,8 @@ seconds per candidate down), stored in SQLite in the output folder: a calibratio
 at any moment resumes with every finished setting kept, and every finished layer of the
 interrupted one (evaluations.jsonl). Today's defaults are the first setting scored, so
 the report always says how they compare. calibration.json is rewritten after every
-setting; proxy_config.json is written once all the settings asked for are scored.
+setting and on resuming; proxy_config.json is written once all the settings asked for
+are scored.
 
 The chosen setting: among the settings that reject none of the panel's good layers, the
 cheapest whose tau is within one discordant pair of the best tau (a smaller difference is
@@ -79,6 +80,15 @@ def setting_of(config: SearchConfig) -> dict:
     """The calibrated fields of a config (today's defaults, when it is the default)."""
     return {**{f: getattr(config, f) for f in SEARCH_FIELDS},
             **{f: getattr(config.stages, f) for f in STAGE_FIELDS}}
+
+
+def fixed_settings(config: SearchConfig) -> dict:
+    """What else decides a panel layer's evaluation besides its setting: the gates' other
+    sizes and thresholds, the evaluation size, the space (its group count), the placement
+    and the seed (common random numbers). A calibration holds them as the search has them."""
+    stages = {k: v for k, v in config.to_dict()["stages"].items() if k not in STAGE_FIELDS}
+    return {"stages": stages, "proxy_eval_size": config.proxy_eval_size, "space": config.space,
+            "placement": config.placement, "seed": config.seed}
 
 
 def with_setting(config: SearchConfig, setting: Mapping) -> SearchConfig:
@@ -185,7 +195,9 @@ def calibrate(panel: Panel, base: SearchConfig, out: Path, *, trials: int, space
     write out/calibration.json and out/proxy_config.json; return the calibration."""
     import optuna
 
-    out.mkdir(parents=True, exist_ok=True)
+    _same_calibration(out, {"dataset": panel.dataset, "archs": list(base.archs),
+                            "fixed": fixed_settings(base),
+                            "panel": dict(sorted(panel.outcome.items()))})
     cache = EvaluationCache(out / "evaluations.jsonl")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
@@ -200,6 +212,10 @@ def calibrate(panel: Panel, base: SearchConfig, out: Path, *, trials: int, space
     if not study.trials:
         study.enqueue_trial({}, user_attrs={"defaults": True})
     while len(done()) < trials + 1:
+        # Before every setting (the last one's result, or a resumed study's), so a
+        # calibration stopped part way says what it has measured.
+        if done():
+            _write_json(out / "calibration.json", _calibration(panel, base, done(), trials + 1))
         trial = study.ask()
         setting = (setting_of(base) if trial.user_attrs.get("defaults")
                    else space.suggest(trial))
@@ -210,8 +226,6 @@ def calibrate(panel: Panel, base: SearchConfig, out: Path, *, trials: int, space
         trial.set_user_attr("wall_seconds", time.monotonic() - started)
         tau = result["kendall_tau"]
         study.tell(trial, [-1.0 if tau is None else tau, result["seconds_per_candidate"]])
-        # After every setting, so a calibration stopped part way says what it has measured.
-        _write_json(out / "calibration.json", _calibration(panel, base, done(), trials + 1))
     calibration = _calibration(panel, base, done(), trials + 1)
     _write_json(out / "calibration.json", calibration)
     if calibration["chosen"] is not None:
@@ -220,13 +234,34 @@ def calibrate(panel: Panel, base: SearchConfig, out: Path, *, trials: int, space
     return calibration
 
 
+def _same_calibration(out: Path, identity: dict) -> None:
+    """A calibration folder holds one panel's evaluations under one set of fixed settings
+    (out/calibrated_with.json, written when it is made): its cached evaluations and its
+    study's results are keyed by the varied setting alone, so resuming it with another
+    panel, other networks or other fixed settings would mix what they measured."""
+    path = out / "calibrated_with.json"
+    identity = json.loads(json.dumps(identity))
+    if not path.is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(path, identity)
+        return
+    held = json.loads(path.read_text())
+    for key in identity:
+        if held.get(key) != identity[key]:
+            what = {"panel": "another panel", "archs": f"--archs {','.join(held['archs'])}"}
+            raise EvonasError(f"{out} was calibrated with "
+                              f"{what.get(key, f'other {key} settings')}; resume it as it was "
+                              f"made, or calibrate into a new --out folder")
+
+
 def _calibration(panel: Panel, base: SearchConfig, finished, planned: int) -> dict:
     """calibration.json: every finished setting's result, the Pareto front, the choice
     among them, and how many of the planned settings they are."""
     results = [{"trial": t.number, "defaults": bool(t.user_attrs.get("defaults")),
                 **t.user_attrs["result"]} for t in finished]
     pick = chosen(results)
-    return {"dataset": panel.dataset, "archs": list(base.archs), "panel": panel.source,
+    return {"dataset": panel.dataset, "archs": list(base.archs), "fixed": fixed_settings(base),
+            "panel": panel.source,
             "panel_layers": sorted(panel.outcome), "settings_finished": len(results),
             "settings_planned": planned, "results": results,
             "pareto_front": [r["trial"] for r in pareto_front(results)],
@@ -274,5 +309,5 @@ def format_results(calibration: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["SweepSpace", "calibrate", "chosen", "format_results", "pareto_front",
+__all__ = ["SweepSpace", "calibrate", "chosen", "fixed_settings", "format_results", "pareto_front",
            "proxy_config_file", "score_setting", "setting_of", "with_setting"]

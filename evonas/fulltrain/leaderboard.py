@@ -217,5 +217,6 @@ def format_table(rows: Sequence[dict], correlation: dict | None = None) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["leaderboard", "overall_means", "best_per_seed", "diverged_seeds", "mean_std", "kendall_tau_b", "proxy_correlation",
-           "table_rows", "to_csv", "format_table", "ROW_FIELDS"]
+__all__ = ["leaderboard", "overall_means", "best_per_seed", "diverged_seeds", "mean_std",
+           "kendall_tau_b", "proxy_correlation", "table_rows", "to_csv", "format_table",
+           "ROW_FIELDS"]
