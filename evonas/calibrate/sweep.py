@@ -261,9 +261,8 @@ def _calibration(panel: Panel, base: SearchConfig, finished, planned: int) -> di
                 **t.user_attrs["result"]} for t in finished]
     pick = chosen(results)
     return {"dataset": panel.dataset, "archs": list(base.archs), "fixed": fixed_settings(base),
-            "panel": panel.source,
-            "panel_layers": sorted(panel.outcome), "settings_finished": len(results),
-            "settings_planned": planned, "results": results,
+            "panel": panel.source, "panel_layers": sorted(panel.outcome),
+            "settings_finished": len(results), "settings_planned": planned, "results": results,
             "pareto_front": [r["trial"] for r in pareto_front(results)],
             "chosen": None if pick is None else pick["trial"]}
 
@@ -309,5 +308,5 @@ def format_results(calibration: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["SweepSpace", "calibrate", "chosen", "fixed_settings", "format_results", "pareto_front",
-           "proxy_config_file", "score_setting", "setting_of", "with_setting"]
+__all__ = ["SweepSpace", "calibrate", "chosen", "fixed_settings", "format_results",
+           "pareto_front", "proxy_config_file", "score_setting", "setting_of", "with_setting"]
