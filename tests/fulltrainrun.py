@@ -4,10 +4,10 @@ process."""
 
 import os
 
-SEARCH = ["--space", "norm_act_s", "--budget", "6evals", "--workers", "0", "--dataset",
-          "synthetic", "--archs", "resnet", "--proxy-steps", "12", "--quality-steps", "6",
-          "--quality-threshold", "0.05", "--proxy-batch", "32", "--proxy-width", "8",
-          "--stability-steps", "2", "--population", "4", "--tournament", "2"]
+from searchrun import TINY as TINY_PROXY
+
+# The search tests' tiny proxies: a candidate costs about a second on one CPU thread.
+SEARCH = ["--space", "norm_act_s", "--budget", "6evals", "--workers", "0", *TINY_PROXY]
 # Two layers (the search's best and a zoo baseline), ResNet-20 at width 4, a few steps.
 TINY = dict(top=1, baselines=("bn_relu",), archs=("resnet20",), dataset="synthetic",
             epochs=None, steps=4, reports=2, width=4, workers=2)
