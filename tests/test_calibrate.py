@@ -14,6 +14,7 @@ import pytest
 from evonas.calibrate.agreement import agreement, ranks, spearman, whole_panel_scores
 from evonas.calibrate.sweep import chosen, pareto_front
 from evonas.cli import main
+from evonas.runtime.backends import InlineBackend, Outcome
 
 
 # --- agreement, by hand ----------------------------------------------------------------
@@ -60,6 +61,59 @@ def test_the_chosen_setting_loses_no_good_layer_and_is_the_cheapest_near_the_bes
     assert chosen(results)["trial"] == 1
     assert [r["trial"] for r in pareto_front(results)] == [3]  # cheapest and best tau
     assert chosen([_result(0, 0.9, 1.0, lost=["a"])]) is None
+
+
+# --- a worker lost mid-setting ----------------------------------------------------------
+
+class _LosesWorkers(InlineBackend):
+    """The inline backend, with the first `losses` evaluations of `layer` ending as a
+    worker killed under them ends (a Ray worker's death reads so, backends._ray_reason)."""
+
+    def __init__(self, layer, losses):
+        super().__init__()
+        self.layer, self.losses = layer, losses
+
+    def wait(self, timeout=None):
+        outcomes = super().wait(timeout)
+        for i, o in enumerate(outcomes):
+            if o.task_id == self.layer and self.losses:
+                self.losses -= 1
+                outcomes[i] = Outcome(o.task_id, False, None, "worker died: SIGKILL", o.seconds)
+        return outcomes
+
+
+def _tiny_panel():
+    from evonas.calibrate.panel import Panel
+    from evonas.layers import zoo
+
+    names = ("bn_relu", "gn_relu", "evonorm_s0")
+    return Panel("synthetic", {n: zoo.get(n).to_dict() for n in names},
+                 {"bn_relu": 0.6, "gn_relu": 0.5, "evonorm_s0": 0.4},
+                 {n: [] for n in names}, "by hand")
+
+
+def test_a_layer_whose_worker_died_is_evaluated_again_not_ranked_as_rejected(tmp_path):
+    from evonas.calibrate.sweep import CalibrationError, EvaluationCache, score_setting
+    from evonas.search.config import SearchConfig, StageConfig
+
+    config = SearchConfig(dataset="synthetic", archs=("resnet",), proxy_steps=4, proxy_width=4,
+                          proxy_batch_size=16, proxy_eval_size=32,
+                          stages=StageConfig(quality_steps=2, quality_threshold=0.0,
+                                             stability_steps=1, quality_eval_size=32))
+    cache = EvaluationCache(tmp_path / "evaluations.jsonl")
+    result = score_setting(_tiny_panel(), config, _LosesWorkers("gn_relu", 1), cache)
+    assert result["rejected"] == [] and result["n"] == 3
+    recs = [json.loads(line) for line in cache.path.read_text().splitlines()]
+    assert sorted(r["layer"] for r in recs) == ["bn_relu", "evonorm_s0", "gn_relu"]
+    assert all(r["fitness"] is not None for r in recs)
+
+    # Lost twice: the calibration stops, saying which layer and why, and keeps no verdict
+    # for it, so the same command resumes with it.
+    cache = EvaluationCache(tmp_path / "again.jsonl")
+    with pytest.raises(CalibrationError, match="'gn_relu' could not be evaluated twice "
+                                               r"\(worker died: SIGKILL\)"):
+        score_setting(_tiny_panel(), config, _LosesWorkers("gn_relu", 2), cache)
+    assert "gn_relu" not in cache.path.read_text()
 
 
 # --- the chain on synthetic data ---------------------------------------------------------
@@ -136,6 +190,17 @@ def test_panel_from_a_full_training_then_calibration_that_resumes_without_redoin
     assert other.returncode == 2 and "--archs resnet" in other.stderr
     assert len(other.stderr.strip().splitlines()) == 1
     assert (tmp_path / "cal" / "evaluations.jsonl").read_text().splitlines() == lines
+
+    # Asked for one more setting, it draws a new one, the one a calibration asked for two
+    # from the start draws second: resuming neither repeats nor changes what is tried.
+    more = [*flags, "--trials", "2"]
+    assert _evonas(*more, cwd=tmp_path).returncode in (0, 1)
+    assert _evonas(*[f if f != "cal" else "cal2" for f in more], cwd=tmp_path).returncode in (0, 1)
+    settings = {}
+    for out in ("cal", "cal2"):
+        results = json.loads((tmp_path / out / "calibration.json").read_text())["results"]
+        settings[out] = [json.dumps(r["setting"], sort_keys=True) for r in results]
+    assert len(set(settings["cal"])) == 3 and settings["cal"] == settings["cal2"]
 
 
 def _panel_grows_run_by_run(tmp_path, panel, capsys):

@@ -42,6 +42,10 @@ STAGE_FIELDS = ("quality_steps", "quality_threshold")
 SETTING_FIELDS = SEARCH_FIELDS + STAGE_FIELDS
 
 
+class CalibrationError(Exception):
+    """A calibration that cannot go on (not the user's input: exit 1, and it resumes)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class SweepSpace:
     """The values a calibration may choose; the CLI's --steps/--batches/--widths set them.
@@ -135,10 +139,24 @@ def score_setting(panel: Panel, config: SearchConfig, backend, cache: Evaluation
                    {"candidate": Candidate(f"panel_{name}", genome, None, "panel").to_dict(),
                     "config": config.to_dict()})
             for name, genome in sorted(panel.genomes.items()) if (key, name) not in cache.done}
-    if todo:
+    # An evaluation that returned no verdict (its worker died, or it raised) says nothing
+    # of the layer: it is not kept, and runs once more; a setting scored with a hole in
+    # the panel would rank the layer as rejected.
+    for attempt in range(2):
+        lost = {}
         for outcome in run_all(backend, todo):
-            cache.add(_record(key, outcome))
-            progress(f"  {outcome.task_id}: {cache.done[(key, outcome.task_id)]['verdict']}")
+            if outcome.ok:
+                cache.add(_record(key, outcome))
+                progress(f"  {outcome.task_id}: {cache.done[(key, outcome.task_id)]['verdict']}")
+            else:
+                lost[outcome.task_id] = outcome.error
+                progress(f"  {outcome.task_id}: no verdict ({outcome.error}), "
+                         f"{'runs again' if attempt == 0 else 'given up'}")
+        todo = {name: todo[name] for name in lost}
+    if lost:
+        name, error = next(iter(lost.items()))
+        raise CalibrationError(f"panel layer {name!r} could not be evaluated twice ({error}); "
+                               f"fix its cause and rerun the same command, which resumes")
     recs = {name: cache.done[(key, name)] for name in panel.genomes}
     proxy = {name: rec["fitness"] for name, rec in recs.items()}
     return {"setting": setting_of(config), **agreement(panel.outcome, proxy),
@@ -152,8 +170,6 @@ def _record(key: str, outcome) -> dict:
     from evonas.search.state import mean_fitness
 
     rec = {"setting": key, "layer": outcome.task_id, "seconds": outcome.seconds}
-    if not outcome.ok:
-        return {**rec, "fitness": None, "verdict": f"failed: {outcome.error}"}
     ev = Evaluation.from_dict(outcome.value)
     if ev.status == SURVIVOR and ev.fitness:
         return {**rec, "fitness": mean_fitness(ev), "verdict": f"kept, {mean_fitness(ev):.4f}"}
@@ -202,13 +218,13 @@ def calibrate(panel: Panel, base: SearchConfig, out: Path, *, trials: int, space
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
         study_name="calibrate", storage=f"sqlite:///{out / 'study.db'}", load_if_exists=True,
-        directions=["maximize", "minimize"], sampler=optuna.samplers.TPESampler(seed=seed))
+        directions=["maximize", "minimize"])
     for stale in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         # a trial killed with the calibration: its finished layers are in the cache, and
         # the same setting is asked for again
         study.enqueue_trial(stale.params, user_attrs=dict(stale.user_attrs))
         study.tell(stale.number, state=optuna.trial.TrialState.FAIL)
-    done = lambda: [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    done = lambda: _distinct(t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE)
     if not study.trials:
         study.enqueue_trial({}, user_attrs={"defaults": True})
     while len(done()) < trials + 1:
@@ -216,6 +232,10 @@ def calibrate(panel: Panel, base: SearchConfig, out: Path, *, trials: int, space
         # calibration stopped part way says what it has measured.
         if done():
             _write_json(out / "calibration.json", _calibration(panel, base, done(), trials + 1))
+        # The k-th setting is drawn from a generator seeded by (seed, k): one seeded once
+        # per process would draw again, after a resume, the settings the killed process
+        # drew first, and a resumed calibration tries what an uninterrupted one does.
+        study.sampler = optuna.samplers.TPESampler(seed=seed * 10_000 + len(done()))
         trial = study.ask()
         setting = (setting_of(base) if trial.user_attrs.get("defaults")
                    else space.suggest(trial))
@@ -232,6 +252,18 @@ def calibrate(panel: Panel, base: SearchConfig, out: Path, *, trials: int, space
         pick = next(r for r in calibration["results"] if r["trial"] == calibration["chosen"])
         _write_json(out / "proxy_config.json", proxy_config_file(calibration, pick))
     return calibration
+
+
+def _distinct(finished) -> list:
+    """The finished trials, the first of each setting: a setting scored twice (a study
+    resumed by an earlier evonas, which could draw a setting again) counts once."""
+    seen, trials = set(), []
+    for t in finished:
+        key = setting_key(t.user_attrs["result"]["setting"])
+        if key not in seen:
+            seen.add(key)
+            trials.append(t)
+    return trials
 
 
 def _same_calibration(out: Path, identity: dict) -> None:
@@ -308,5 +340,6 @@ def format_results(calibration: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["SweepSpace", "calibrate", "chosen", "fixed_settings", "format_results",
-           "pareto_front", "proxy_config_file", "score_setting", "setting_of", "with_setting"]
+__all__ = ["CalibrationError", "SweepSpace", "calibrate", "chosen", "fixed_settings",
+           "format_results", "pareto_front", "proxy_config_file", "score_setting", "setting_of",
+           "with_setting"]

@@ -60,7 +60,7 @@ def _run(args: argparse.Namespace) -> int:
     import dataclasses
 
     from evonas.calibrate.panel import format_panel, load_panel, panel_from_runs, write_panel
-    from evonas.calibrate.sweep import SweepSpace, calibrate, format_results
+    from evonas.calibrate.sweep import CalibrationError, SweepSpace, calibrate, format_results
     from evonas.errors import EvonasError
     from evonas.proxy.data import ensure_dataset
     from evonas.runtime import checks
@@ -90,10 +90,14 @@ def _run(args: argparse.Namespace) -> int:
     base.validate_parts()
     choices = dataclasses.replace(SweepSpace(), steps=args.steps, batches=args.batches,
                                   widths=args.widths)
-    with make_backend(base) as backend:
-        result = calibrate(panel, base, Path(args.out), trials=args.trials, space=choices,
-                           backend=backend, seed=args.seed,
-                           progress=lambda line: print(line, file=sys.stderr, flush=True))
+    try:
+        with make_backend(base) as backend:
+            result = calibrate(panel, base, Path(args.out), trials=args.trials, space=choices,
+                               backend=backend, seed=args.seed,
+                               progress=lambda line: print(line, file=sys.stderr, flush=True))
+    except CalibrationError as err:
+        print(f"evonas calibrate: {err}", file=sys.stderr)
+        return 1
     print(format_results(result))
     if result["chosen"] is None:
         print("no setting kept every good panel layer and ranked the panel; widen the "
