@@ -70,15 +70,23 @@ def test_the_numeric_and_stability_gates_pass_every_good_panel_layer(shipped, pa
     change to a check or a threshold that would reject a good panel layer fails here
     before any calibration is redone. (Synthetic images stand in for CIFAR-10: the gates
     probe a layer's numbers, not what it learns; the quality gate is the test above.)"""
+    from evonas.layers.genome import Genome
+    from evonas.layers.space import load_space
     from evonas.search.evaluate import evaluate_candidate
     from evonas.search.records import Candidate
+    from evonas.search.rejection import numeric_check
 
     probe = dataclasses.replace(
         shipped, dataset="synthetic", data_dir=None, proxy_steps=2, proxy_eval_size=64,
         stages=dataclasses.replace(shipped.stages, quality_steps=1, quality_threshold=0.0,
                                    quality_eval_size=64))
+    groups = load_space(shipped.space).groups
     verdicts = {}
     for name in good_layers(panel.outcome):
+        numeric = numeric_check(Genome.from_dict(panel.genomes[name]), shipped.stages.numeric_scales, groups)
+        if not numeric.passed:
+            verdicts[name] = f"numeric: {numeric.reason}"
+            continue
         payload = {"candidate": Candidate(f"panel_{name}", panel.genomes[name], None,
                                           "panel").to_dict(), "config": probe.to_dict()}
         ev = evaluate_candidate(payload)
