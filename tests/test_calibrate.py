@@ -4,6 +4,7 @@ it, and `evonas calibrate` scoring proxy settings on it and resuming without red
 """
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -11,8 +12,9 @@ import sys
 
 import pytest
 
-from evonas.calibrate.agreement import agreement, ranks, spearman, whole_panel_scores
-from evonas.calibrate.sweep import chosen, pareto_front
+from evonas.calibrate.agreement import (agreement, good_layers, ranks, spearman,
+                                       whole_panel_scores)
+from evonas.calibrate.sweep import chosen, gate, pareto_front, setting_key
 from evonas.cli import main
 from evonas.runtime.backends import InlineBackend, Outcome
 
@@ -61,6 +63,37 @@ def test_the_chosen_setting_loses_no_good_layer_and_is_the_cheapest_near_the_bes
     assert chosen(results)["trial"] == 1
     assert [r["trial"] for r in pareto_front(results)] == [3]  # cheapest and best tau
     assert chosen([_result(0, 0.9, 1.0, lost=["a"])]) is None
+
+
+def _rec(fitness, quality, seconds=10.0, proxy_s=6.0):
+    return {"fitness": fitness, "quality": quality, "seconds": seconds,
+            "stage_seconds": {"stability": 1.0, "quality": 2.0, "proxy": proxy_s}}
+
+
+def test_the_quality_gate_sits_halfway_between_chance_and_the_weakest_good_layer():
+    from types import SimpleNamespace
+
+    from evonas.calibrate.sweep import gate, placed_threshold
+
+    panel = SimpleNamespace(outcome=FULL)  # good: a and b
+    recs = {"a": _rec(0.5, {"resnet": 0.41, "mobilenetv2": 0.35}),
+            "b": _rec(0.4, {"resnet": 0.30, "mobilenetv2": 0.2095}),
+            "c": _rec(0.45, {"resnet": 0.35, "mobilenetv2": 0.15}),
+            "d": _rec(None, None, seconds=1.5)}  # rejected at stability: never gated
+    # b's worst network, 0.2095, and chance 0.1: halfway is 0.15475, toward chance 0.154
+    threshold = placed_threshold(panel, recs, 0.1, ("resnet", "mobilenetv2"))
+    assert threshold == 0.154
+    proxy, seconds = gate(recs, threshold, ("resnet", "mobilenetv2"))
+    assert proxy == {"a": 0.5, "b": 0.4, "c": None, "d": None}
+    # c stops at the gate: its proxy stage is not paid; d cost what it cost
+    assert seconds == {"a": 10.0, "b": 10.0, "c": 4.0, "d": 1.5}
+    # The good layers ahead of c whatever it would have scored: tau counts c as rejected.
+    assert agreement(FULL, proxy)["false_rejections"] == []
+    # For an LM the scores are bits per character, lower is better, chance log2(vocab).
+    lm = {"a": _rec(1.0, {"lm": 2.0}), "b": _rec(0.9, {"lm": 3.0}), "c": _rec(0.8, {"lm": 5.5}),
+          "d": _rec(0.1, {"lm": 6.0})}
+    assert placed_threshold(panel, lm, 6.0, ("lm",)) == 4.5
+    assert gate(lm, 4.5, ("lm",))[0] == {"a": 1.0, "b": 0.9, "c": None, "d": None}
 
 
 # --- a worker lost mid-setting ----------------------------------------------------------
@@ -168,13 +201,23 @@ def test_panel_from_a_full_training_then_calibration_that_resumes_without_redoin
     assert cal["settings_finished"] == cal["settings_planned"] == 2
     lines = (tmp_path / "cal" / "evaluations.jsonl").read_text().splitlines()
     assert len(lines) == 8  # 4 layers x 2 settings
-    # Every result's tau is the whole-panel agreement of what its evaluations found.
-    by_setting = {}
+    # The evaluations ran with the gate open; the setting the study proposed has its gate
+    # placed halfway between chance (0.1) and the weakest good layer's worst network.
+    recs = {}
     for rec in map(json.loads, lines):
-        by_setting.setdefault(rec["setting"], {})[rec["layer"]] = rec["fitness"]
+        recs.setdefault(rec["setting"], {})[rec["layer"]] = rec
     outcome = {name: v["score"] for name, v in panel["layers"].items()}
-    taus = sorted((agreement(outcome, proxy)["kendall_tau"] or -9) for proxy in by_setting.values())
-    assert taus == pytest.approx(sorted((r["kendall_tau"] or -9) for r in cal["results"]))
+    proposed = next(r for r in cal["results"] if not r["defaults"])
+    evaluated = recs[setting_key(proposed["setting"])]
+    weakest = min(min(evaluated[name]["quality"].values()) for name in good_layers(outcome)
+                  if evaluated[name]["quality"])
+    assert proposed["setting"]["quality_threshold"] == math.floor((0.1 + weakest) / 2 * 1000) / 1000
+    # Every result's tau is the whole-panel agreement of its evaluations behind its gate.
+    for r in cal["results"]:
+        gated, _ = gate(recs[setting_key(r["setting"])], r["setting"]["quality_threshold"],
+                        ["resnet"])
+        tau = agreement(outcome, gated)["kendall_tau"]
+        assert r["kendall_tau"] == (tau if tau is None else pytest.approx(tau))
     if first.returncode == 0:
         config = json.loads((tmp_path / "cal" / "proxy_config.json").read_text())
         pick = next(r for r in cal["results"] if r["trial"] == cal["chosen"])

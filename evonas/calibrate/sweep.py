@@ -7,6 +7,17 @@ the search's backends (inline or Ray workers), then comparing the proxy's rankin
 panel's (agreement.py). Its cost is the mean worker seconds per panel layer: what a
 candidate costs a search at that setting, the cheap rejections included.
 
+The quality gate's threshold is placed by the panel, not searched: every layer is
+evaluated with the gate open (it stops a diverged training only), its quality scores
+kept, and the threshold set halfway between chance and the weakest good panel layer's
+score on its worst network. That is the strictest gate that keeps every good layer with
+a margin as wide as the distance it keeps from chance: at a short proxy the good layers
+are close to chance and the gate comes down with them, rather than rejecting them as a
+threshold drawn at random does (the first CIFAR-10 calibration, BENCHMARKS.md). The
+gate's effect on rank and cost is then computed from the kept evaluations: a layer it
+rejects ranks below every kept one and costs its stability and quality stages only.
+Today's defaults keep their own threshold.
+
 The settings are searched by an Optuna study with two objectives (Kendall's tau up,
 seconds per candidate down), stored in SQLite in the output folder: a calibration killed
 at any moment resumes with every finished setting kept, and every finished layer of the
@@ -25,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
@@ -49,14 +61,14 @@ class CalibrationError(Exception):
 @dataclasses.dataclass(frozen=True)
 class SweepSpace:
     """The values a calibration may choose; the CLI's --steps/--batches/--widths set them.
-    quality_fractions: the quality gate's step as a fraction of the proxy's steps."""
+    quality_fractions: the quality gate's step as a fraction of the proxy's steps. (Its
+    threshold is placed by the panel, the module's docstring says how.)"""
 
     steps: tuple[int, ...] = (50, 100, 200, 300, 600)
     batches: tuple[int, ...] = (32, 64, 128)
     widths: tuple[int, ...] = (4, 8, 16)
     lr: tuple[float, float] = (0.02, 0.4)
     quality_fractions: tuple[float, ...] = (0.25, 0.5, 1.0)
-    quality_thresholds: tuple[float, float] = (0.0, 0.25)
 
     def __post_init__(self) -> None:
         from evonas.runtime import checks
@@ -69,15 +81,14 @@ class SweepSpace:
                 checks.whole(f"{flag}: a value", v, minimum=1)
 
     def suggest(self, trial) -> dict:
+        """A setting without its quality threshold (None: placed by the panel)."""
         steps = trial.suggest_categorical("proxy_steps", list(self.steps))
         fraction = trial.suggest_categorical("quality_fraction", list(self.quality_fractions))
         return {"proxy_steps": steps,
                 "proxy_batch_size": trial.suggest_categorical("proxy_batch_size", list(self.batches)),
                 "proxy_width": trial.suggest_categorical("proxy_width", list(self.widths)),
                 "proxy_lr": trial.suggest_float("proxy_lr", *self.lr, log=True),
-                "quality_steps": max(1, round(steps * fraction)),
-                "quality_threshold": trial.suggest_float("quality_threshold",
-                                                         *self.quality_thresholds)}
+                "quality_steps": max(1, round(steps * fraction)), "quality_threshold": None}
 
 
 def setting_of(config: SearchConfig) -> dict:
@@ -103,7 +114,10 @@ def with_setting(config: SearchConfig, setting: Mapping) -> SearchConfig:
 
 
 def setting_key(setting: Mapping) -> str:
-    return hashlib.sha256(json.dumps(dict(setting), sort_keys=True).encode()).hexdigest()[:16]
+    """The key of a setting's evaluations: every field but the quality threshold, which
+    is applied to them afterwards (evaluations run with the gate open)."""
+    fields = {k: v for k, v in setting.items() if k != "quality_threshold"}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class EvaluationCache:
@@ -128,16 +142,50 @@ class EvaluationCache:
 
 
 def score_setting(panel: Panel, config: SearchConfig, backend, cache: EvaluationCache,
-                  progress: Callable[[str], None] = lambda line: None) -> dict:
-    """Evaluate every panel layer under `config` and compare with the panel."""
+                  progress: Callable[[str], None] = lambda line: None, *,
+                  chance: float | None = None) -> dict:
+    """Evaluate every panel layer at `config`'s setting with the quality gate open, then
+    apply the gate: config's threshold, or, where `chance` (the quality score of a guess)
+    is given, the one the panel places. Compare the ranking with the panel's."""
+    recs = evaluate_panel(panel, config, backend, cache, progress)
+    threshold = (config.stages.quality_threshold if chance is None
+                 else placed_threshold(panel, recs, chance, config.archs))
+    proxy, seconds = gate(recs, threshold, config.archs)
+    return {"setting": {**setting_of(config), "quality_threshold": threshold},
+            **agreement(panel.outcome, proxy),
+            "seconds_per_candidate": sum(seconds.values()) / len(seconds), "layers": recs}
+
+
+def gate(recs: Mapping[str, dict], threshold: float, archs) -> tuple[dict, dict]:
+    """The quality gate of search/evaluate.py applied to evaluations made with it open:
+    (layer -> proxy fitness, None when rejected; layer -> seconds it costs a search). A
+    layer the gate stops costs its evaluation less the proxy stage it would not reach (an
+    upper bound: the gate stops at the first network that fails, the open gate trained
+    them all to the gate's step)."""
+    lm = _lm_archs(archs)
+    proxy, seconds = {}, {}
+    for name, rec in recs.items():
+        stopped = rec["quality"] is not None and not all(
+            score <= threshold if arch in lm else score >= threshold
+            for arch, score in rec["quality"].items())
+        proxy[name] = None if stopped else rec["fitness"]
+        seconds[name] = rec["seconds"] - (rec["stage_seconds"].get("proxy", 0.0) if stopped else 0.0)
+    return proxy, seconds
+
+
+def evaluate_panel(panel: Panel, config: SearchConfig, backend, cache: EvaluationCache,
+                   progress: Callable[[str], None] = lambda line: None) -> dict[str, dict]:
+    """Every panel layer's evaluation at config's setting with the quality gate open:
+    from the cache, or run now (and cached)."""
     from evonas.runtime.backends import run_all
     from evonas.search.evaluate import evaluate_candidate
     from evonas.search.records import Candidate
 
+    open_gate = with_setting(config, {"quality_threshold": _OPEN[bool(_lm_archs(config.archs))]})
     key = setting_key(setting_of(config))
     todo = {name: (evaluate_candidate,
                    {"candidate": Candidate(f"panel_{name}", genome, None, "panel").to_dict(),
-                    "config": config.to_dict()})
+                    "config": open_gate.to_dict()})
             for name, genome in sorted(panel.genomes.items()) if (key, name) not in cache.done}
     # An evaluation that returned no verdict (its worker died, or it raised) says nothing
     # of the layer: it is not kept, and runs once more; a setting scored with a hole in
@@ -157,20 +205,57 @@ def score_setting(panel: Panel, config: SearchConfig, backend, cache: Evaluation
         name, error = next(iter(lost.items()))
         raise CalibrationError(f"panel layer {name!r} could not be evaluated twice ({error}); "
                                f"fix its cause and rerun the same command, which resumes")
-    recs = {name: cache.done[(key, name)] for name in panel.genomes}
-    proxy = {name: rec["fitness"] for name, rec in recs.items()}
-    return {"setting": setting_of(config), **agreement(panel.outcome, proxy),
-            "seconds_per_candidate": sum(r["seconds"] for r in recs.values()) / len(recs),
-            "layers": recs}
+    return {name: cache.done[(key, name)] for name in panel.genomes}
+
+
+# The gate open: no accuracy is below 0, no bits per character above infinity.
+_OPEN = {False: 0.0, True: float("inf")}
+
+
+def _lm_archs(archs) -> frozenset[str]:
+    """The architectures whose quality score is bits per character (lower is better)."""
+    from evonas.proxy.models import TEXT_ARCHS
+
+    return frozenset(a for a in archs if a in TEXT_ARCHS)
+
+
+def placed_threshold(panel: Panel, recs: Mapping[str, dict], chance: float, archs) -> float:
+    """Halfway between chance and the weakest good layer's score on its worst network,
+    rounded toward chance to three decimals; chance itself when every good layer is
+    rejected before the gate (no score to place it by)."""
+    from evonas.calibrate.agreement import good_layers
+
+    lm = _lm_archs(archs)
+    worst = [max(q.values()) if lm else min(q.values())
+             for q in (recs[name]["quality"] for name in good_layers(panel.outcome)) if q]
+    if not worst:
+        return chance
+    weakest = max(worst) if lm else min(worst)
+    half = chance + (weakest - chance) / 2
+    return math.ceil(half * 1000) / 1000 if lm else math.floor(half * 1000) / 1000
+
+
+def chance_score(dataset: str, data_dir, archs) -> float:
+    """The quality score of a guess: accuracy 1/classes, or log2(vocabulary) bits per
+    character for an LM."""
+    from evonas.proxy.data import load_dataset
+
+    data = load_dataset(dataset, data_dir)
+    return math.log2(data.num_classes) if _lm_archs(archs) else 1.0 / data.num_classes
 
 
 def _record(key: str, outcome) -> dict:
-    """One panel layer's evaluation: its mean proxy fitness, or None and why not."""
+    """One panel layer's evaluation: its mean proxy fitness (None: rejected, and why), its
+    quality score on every network (None: stopped before the gate), and its stages'
+    seconds."""
     from evonas.search.records import SURVIVOR, Evaluation
     from evonas.search.state import mean_fitness
 
-    rec = {"setting": key, "layer": outcome.task_id, "seconds": outcome.seconds}
     ev = Evaluation.from_dict(outcome.value)
+    quality = {k.split(".", 1)[1]: v for k, v in ev.metrics.items()
+               if k.startswith(("quality_acc.", "quality_bpc."))}
+    rec = {"setting": key, "layer": outcome.task_id, "seconds": outcome.seconds,
+           "stage_seconds": ev.stage_seconds, "quality": quality or None}
     if ev.status == SURVIVOR and ev.fitness:
         return {**rec, "fitness": mean_fitness(ev), "verdict": f"kept, {mean_fitness(ev):.4f}"}
     return {**rec, "fitness": None,
@@ -213,8 +298,10 @@ def calibrate(panel: Panel, base: SearchConfig, out: Path, *, trials: int, space
 
     _same_calibration(out, {"dataset": panel.dataset, "archs": list(base.archs),
                             "fixed": fixed_settings(base),
-                            "panel": dict(sorted(panel.outcome.items()))})
+                            "panel": dict(sorted(panel.outcome.items())),
+                            "quality_gate": "evaluated open, placed by the panel"})
     cache = EvaluationCache(out / "evaluations.jsonl")
+    chance = chance_score(panel.dataset, base.data_dir, base.archs)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
         study_name="calibrate", storage=f"sqlite:///{out / 'study.db'}", load_if_exists=True,
@@ -237,11 +324,13 @@ def calibrate(panel: Panel, base: SearchConfig, out: Path, *, trials: int, space
         # drew first, and a resumed calibration tries what an uninterrupted one does.
         study.sampler = optuna.samplers.TPESampler(seed=seed * 10_000 + len(done()))
         trial = study.ask()
-        setting = (setting_of(base) if trial.user_attrs.get("defaults")
-                   else space.suggest(trial))
+        defaults = bool(trial.user_attrs.get("defaults"))
+        setting = setting_of(base) if defaults else space.suggest(trial)
         progress(f"setting {trial.number}: {_describe(setting)}")
         started = time.monotonic()
-        result = score_setting(panel, with_setting(base, setting), backend, cache, progress)
+        config = with_setting(base, {k: v for k, v in setting.items() if v is not None})
+        result = score_setting(panel, config, backend, cache, progress,
+                               chance=None if defaults else chance)
         trial.set_user_attr("result", {k: v for k, v in result.items() if k != "layers"})
         trial.set_user_attr("wall_seconds", time.monotonic() - started)
         tau = result["kendall_tau"]
@@ -310,9 +399,11 @@ def proxy_config_file(calibration: dict, pick: dict) -> dict:
 
 
 def _describe(setting: Mapping) -> str:
+    threshold = setting["quality_threshold"]
+    gate = "placed by the panel" if threshold is None else f"{threshold:.3g}"
     return (f"{setting['proxy_steps']} steps, batch {setting['proxy_batch_size']}, width "
-            f"{setting['proxy_width']}, lr {setting['proxy_lr']:.3g}, quality "
-            f">= {setting['quality_threshold']:.3g} at step {setting['quality_steps']}")
+            f"{setting['proxy_width']}, lr {setting['proxy_lr']:.3g}, quality gate {gate} "
+            f"at step {setting['quality_steps']}")
 
 
 def _write_json(path: Path, obj) -> None:
@@ -340,6 +431,7 @@ def format_results(calibration: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["CalibrationError", "SweepSpace", "calibrate", "chosen", "fixed_settings",
-           "format_results", "pareto_front", "proxy_config_file", "score_setting", "setting_of",
+__all__ = ["CalibrationError", "SweepSpace", "calibrate", "chance_score", "chosen",
+           "evaluate_panel", "fixed_settings", "format_results", "gate", "pareto_front",
+           "placed_threshold", "proxy_config_file", "score_setting", "setting_of",
            "with_setting"]
