@@ -93,6 +93,11 @@ def test_the_quality_gate_sits_halfway_between_chance_and_the_weakest_good_layer
     lm = {"a": _rec(1.0, {"lm": 2.0}), "b": _rec(0.9, {"lm": 3.0}), "c": _rec(0.8, {"lm": 5.5}),
           "d": _rec(0.1, {"lm": 6.0})}
     assert placed_threshold(panel, lm, 6.0, ("lm",)) == 4.5
+    # A good layer no better than chance on some network: the gate sits at its score, no
+    # higher (halfway to chance would be above it).
+    recs["b"] = _rec(0.4, {"resnet": 0.30, "mobilenetv2": 0.0925})
+    threshold = placed_threshold(panel, recs, 0.1, ("resnet", "mobilenetv2"))
+    assert threshold == 0.092 and gate(recs, threshold, ("resnet", "mobilenetv2"))[0]["b"] == 0.4
     assert gate(lm, 4.5, ("lm",))[0] == {"a": 1.0, "b": 0.9, "c": None, "d": None}
 
 

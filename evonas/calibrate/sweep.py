@@ -221,8 +221,10 @@ def _lm_archs(archs) -> frozenset[str]:
 
 def placed_threshold(panel: Panel, recs: Mapping[str, dict], chance: float, archs) -> float:
     """Halfway between chance and the weakest good layer's score on its worst network,
-    rounded toward chance to three decimals; chance itself when every good layer is
-    rejected before the gate (no score to place it by)."""
+    rounded toward chance to three decimals; that score itself (rounded down for an
+    accuracy) when it is no better than chance, where no gate both keeps the layer and
+    stops a guess; chance when every good layer is rejected before the gate (no score to
+    place it by)."""
     from evonas.calibrate.agreement import good_layers
 
     lm = _lm_archs(archs)
@@ -231,7 +233,8 @@ def placed_threshold(panel: Panel, recs: Mapping[str, dict], chance: float, arch
     if not worst:
         return chance
     weakest = max(worst) if lm else min(worst)
-    half = chance + (weakest - chance) / 2
+    beats_chance = weakest < chance if lm else weakest > chance
+    half = chance + (weakest - chance) / 2 if beats_chance else weakest
     return math.ceil(half * 1000) / 1000 if lm else math.floor(half * 1000) / 1000
 
 
