@@ -63,6 +63,10 @@ def test_the_chosen_setting_loses_no_good_layer_and_is_the_cheapest_near_the_bes
     assert chosen(results)["trial"] == 1
     assert [r["trial"] for r in pareto_front(results)] == [3]  # cheapest and best tau
     assert chosen([_result(0, 0.9, 1.0, lost=["a"])]) is None
+    # A screening proxy for a ladder: the cheapest that reaches the tau asked for.
+    assert chosen(results, min_tau=0.6)["trial"] == 2
+    assert chosen(results, min_tau=0.7)["trial"] == 1
+    assert chosen(results, min_tau=0.9) is None  # only the setting that loses a layer
 
 
 def _rec(fitness, quality, seconds=10.0, proxy_s=6.0):
@@ -233,6 +237,16 @@ def test_panel_from_a_full_training_then_calibration_that_resumes_without_redoin
     again = _evonas(*flags, cwd=tmp_path)  # resumed: nothing re-evaluated
     assert again.returncode == first.returncode
     assert (tmp_path / "cal" / "evaluations.jsonl").read_text().splitlines() == lines
+    # Chosen again by another rule (the cheapest reaching a tau), nothing re-evaluated.
+    screening = _evonas(*flags, "--min-tau", "-1", cwd=tmp_path)
+    cal = json.loads((tmp_path / "cal" / "calibration.json").read_text())
+    ok = [r for r in cal["results"] if not r["false_rejections"] and r["kendall_tau"] is not None]
+    assert cal["min_tau"] == -1 and screening.returncode == (0 if ok else 1)
+    if ok:
+        cheapest = min(ok, key=lambda r: r["seconds_per_candidate"])
+        config = json.loads((tmp_path / "cal" / "proxy_config.json").read_text())
+        assert cal["chosen"] == cheapest["trial"] and config["settings"] == cheapest["setting"]
+    assert (tmp_path / "cal" / "evaluations.jsonl").read_text().splitlines() == lines
     # Its evaluations are of ResNet proxies: resumed with another network, it refuses.
     other = _evonas(*[f if f != "resnet" else "mobilenetv2" for f in flags], cwd=tmp_path)
     assert other.returncode == 2 and "--archs resnet" in other.stderr
@@ -302,6 +316,11 @@ def test_a_missing_panel_is_one_line_and_writes_nothing(tmp_path, capsys):
                  str(tmp_path / "cal")]) == 2
     err = capsys.readouterr().err  # the genome's loader names the layer and the problem
     assert err.count("\n") == 1 and "panel.json:x:" in err, err
+    assert not (tmp_path / "cal").exists()
+    assert main(["calibrate", "--panel", str(tmp_path / "bad"), "--out", str(tmp_path / "cal"),
+                 "--min-tau", "1.5"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--min-tau 1.5 is no Kendall's tau" in err, err
     assert not (tmp_path / "cal").exists()
 
 

@@ -28,7 +28,9 @@ are scored.
 
 The chosen setting: among the settings that reject none of the panel's good layers, the
 cheapest whose tau is within one discordant pair of the best tau (a smaller difference is
-below what the panel can resolve).
+below what the panel can resolve); with --min-tau, the cheapest whose tau reaches it: a
+screening proxy for a fidelity ladder's first rung, whose longer rungs tell the best
+candidates apart.
 """
 
 from __future__ import annotations
@@ -265,10 +267,16 @@ def _record(key: str, outcome) -> dict:
             "verdict": f"{ev.status} at {ev.reject_stage}: {ev.reject_reason}"}
 
 
-def chosen(results: Sequence[dict]) -> dict | None:
-    """The setting to search with (the module's docstring says the rule); None when
-    every setting rejected a good layer or had no defined tau."""
+def chosen(results: Sequence[dict], min_tau: float | None = None) -> dict | None:
+    """The setting to search with (the module's docstring says the rule), or with
+    `min_tau` the cheapest that loses no good layer and ranks the panel at that tau or
+    better (a ladder's first rung: screening, the longer rungs telling the best apart);
+    None when no setting qualifies."""
     ok = [r for r in results if not r["false_rejections"] and r["kendall_tau"] is not None]
+    if min_tau is not None:
+        ok = [r for r in ok if r["kendall_tau"] >= min_tau]
+        return min(ok, key=lambda r: (r["seconds_per_candidate"], -r["kendall_tau"]),
+                   default=None)
     if not ok:
         return None
     n = ok[0]["n"]
@@ -293,10 +301,12 @@ def pareto_front(results: Sequence[dict]) -> list[dict]:
 
 
 def calibrate(panel: Panel, base: SearchConfig, out: Path, *, trials: int, space: SweepSpace,
-              backend, seed: int = 0,
+              backend, seed: int = 0, min_tau: float | None = None,
               progress: Callable[[str], None] = lambda line: None) -> dict:
     """Score today's defaults and `trials` settings in all (finished ones count on resume);
-    write out/calibration.json and out/proxy_config.json; return the calibration."""
+    write out/calibration.json and out/proxy_config.json (chosen by `chosen`'s rule with
+    min_tau; it may differ from the last run's, nothing is re-evaluated for that); return
+    the calibration."""
     import optuna
 
     _same_calibration(out, {"dataset": panel.dataset, "archs": list(base.archs),
@@ -321,7 +331,8 @@ def calibrate(panel: Panel, base: SearchConfig, out: Path, *, trials: int, space
         # Before every setting (the last one's result, or a resumed study's), so a
         # calibration stopped part way says what it has measured.
         if done():
-            _write_json(out / "calibration.json", _calibration(panel, base, done(), trials + 1))
+            _write_json(out / "calibration.json",
+                        _calibration(panel, base, done(), trials + 1, min_tau))
         # The k-th setting is drawn from a generator seeded by (seed, k): one seeded once
         # per process would draw again, after a resume, the settings the killed process
         # drew first, and a resumed calibration tries what an uninterrupted one does.
@@ -338,11 +349,13 @@ def calibrate(panel: Panel, base: SearchConfig, out: Path, *, trials: int, space
         trial.set_user_attr("wall_seconds", time.monotonic() - started)
         tau = result["kendall_tau"]
         study.tell(trial, [-1.0 if tau is None else tau, result["seconds_per_candidate"]])
-    calibration = _calibration(panel, base, done(), trials + 1)
+    calibration = _calibration(panel, base, done(), trials + 1, min_tau)
     _write_json(out / "calibration.json", calibration)
     if calibration["chosen"] is not None:
         pick = next(r for r in calibration["results"] if r["trial"] == calibration["chosen"])
         _write_json(out / "proxy_config.json", proxy_config_file(calibration, pick))
+    else:  # an earlier run's choice, made by another rule, is not this one's
+        (out / "proxy_config.json").unlink(missing_ok=True)
     return calibration
 
 
@@ -378,16 +391,18 @@ def _same_calibration(out: Path, identity: dict) -> None:
                               f"made, or calibrate into a new --out folder")
 
 
-def _calibration(panel: Panel, base: SearchConfig, finished, planned: int) -> dict:
+def _calibration(panel: Panel, base: SearchConfig, finished, planned: int,
+                 min_tau: float | None) -> dict:
     """calibration.json: every finished setting's result, the Pareto front, the choice
-    among them, and how many of the planned settings they are."""
+    among them (and the rule it was made by), and how many of the planned settings they
+    are."""
     results = [{"trial": t.number, "defaults": bool(t.user_attrs.get("defaults")),
                 **t.user_attrs["result"]} for t in finished]
-    pick = chosen(results)
+    pick = chosen(results, min_tau)
     return {"dataset": panel.dataset, "archs": list(base.archs), "fixed": fixed_settings(base),
             "panel": panel.source, "panel_layers": sorted(panel.outcome),
             "settings_finished": len(results), "settings_planned": planned, "results": results,
-            "pareto_front": [r["trial"] for r in pareto_front(results)],
+            "pareto_front": [r["trial"] for r in pareto_front(results)], "min_tau": min_tau,
             "chosen": None if pick is None else pick["trial"]}
 
 
@@ -398,6 +413,7 @@ def proxy_config_file(calibration: dict, pick: dict) -> dict:
             "settings": pick["setting"], "kendall_tau": pick["kendall_tau"],
             "spearman": pick["spearman"], "false_rejections": pick["false_rejections"],
             "seconds_per_candidate": pick["seconds_per_candidate"],
+            "min_tau": calibration["min_tau"],
             "panel": calibration["panel"], "panel_layers": calibration["panel_layers"]}
 
 

@@ -53,6 +53,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    "(0: in this process)")
     p.add_argument("--ray-address", help="a Ray cluster to run them on")
     p.add_argument("--seed", type=int, default=0, help="the study's and the proxies' seed (0)")
+    p.add_argument("--min-tau", type=float, help="choose the cheapest setting whose Kendall's "
+                   "tau reaches this (a screening proxy for a ladder's first rung); default: "
+                   "the cheapest within one discordant pair of the best tau")
     p.set_defaults(run=_run, command="calibrate")
 
 
@@ -69,6 +72,9 @@ def _run(args: argparse.Namespace) -> int:
     from evonas.search.driver import make_backend
 
     checks.whole("--trials", args.trials, minimum=0)
+    if args.min_tau is not None and not -1.0 <= args.min_tau <= 1.0:
+        raise EvonasError(f"--min-tau {args.min_tau:g} is no Kendall's tau: give one between "
+                          f"-1 and 1, e.g. 0.6")
     if args.panel_from:
         panel = panel_from_runs(args.panel_from)
         path = write_panel(panel, args.panel)
@@ -93,15 +99,16 @@ def _run(args: argparse.Namespace) -> int:
     try:
         with make_backend(base) as backend:
             result = calibrate(panel, base, Path(args.out), trials=args.trials, space=choices,
-                               backend=backend, seed=args.seed,
+                               backend=backend, seed=args.seed, min_tau=args.min_tau,
                                progress=lambda line: print(line, file=sys.stderr, flush=True))
     except CalibrationError as err:
         print(f"evonas calibrate: {err}", file=sys.stderr)
         return 1
     print(format_results(result))
     if result["chosen"] is None:
-        print("no setting kept every good panel layer and ranked the panel; widen the "
-              "settings (--steps, --widths) or raise --trials", file=sys.stderr)
+        reach = "" if args.min_tau is None else f" at tau >= {args.min_tau:g}"
+        print(f"no setting kept every good panel layer and ranked the panel{reach}; widen "
+              f"the settings (--steps, --widths) or raise --trials", file=sys.stderr)
         return 1
     print(f"chosen setting written to {Path(args.out) / 'proxy_config.json'}; search with "
           f"`evonas search --proxy-config {Path(args.out) / 'proxy_config.json'}`")
