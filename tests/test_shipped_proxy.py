@@ -68,6 +68,17 @@ def test_at_the_shipped_proxy_no_good_panel_layer_was_rejected_on_cifar10(shippe
     assert lost == {}
 
 
+def test_the_shipped_proxy_is_the_one_the_calibration_chose(shipped):
+    """--dataset cifar10's defaults are the calibration's choice (its default rule: the
+    cheapest within one discordant pair of the best tau), threshold included."""
+    calibrated = json.loads((CALIBRATION / "calibration.json").read_text())
+    assert calibrated["settings_finished"] == calibrated["settings_planned"]
+    pick = next(r for r in calibrated["results"] if r["trial"] == calibrated["chosen"])
+    assert pick["setting"] == setting_of(shipped) and calibrated["min_tau"] is None
+    config = json.loads((CALIBRATION / "proxy_config.json").read_text())
+    assert config["settings"] == setting_of(shipped)
+
+
 def test_the_numeric_and_stability_gates_pass_every_good_panel_layer(shipped, panel):
     """The gates as they are now, at the shipped settings and on every proxy network: a
     change to a check or a threshold that would reject a good panel layer fails here
