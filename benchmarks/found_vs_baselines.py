@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import sys
 from pathlib import Path
 
-from panel_train import HOST, KEEP, PANEL, TRAIN, evonas
+from panel_train import PANEL, TRAIN, train_on_host
+from search_ablation import uses_batch_axes
 
 HERE = Path(__file__).resolve().parent
 FOUND = HERE / "found" / "cifar10"
@@ -56,7 +56,6 @@ def _plan(batch: int) -> list[str]:
 
 def phase_pick(args) -> None:
     from evonas.layers import symbolic
-    from evonas.layers.ops import op
     from evonas.search.results import load_run
 
     best: dict[str, tuple] = {}
@@ -66,7 +65,7 @@ def phase_pick(args) -> None:
             for ev in run.state.leaderboard():
                 key = run.state.rank_key(ev)
                 genome = run.genome(ev.candidate_id)
-                independent = not any(op(name).axes == "NHW" for name in genome.ops_used)
+                independent = not uses_batch_axes(genome)
                 for kind in ["found_best"] + (["found_batch_independent"] if independent else []):
                     if kind not in best or key[:2] < best[kind][0][:2]:
                         best[kind] = (key, run, ev.candidate_id, genome)
@@ -87,18 +86,10 @@ def phase_pick(args) -> None:
 
 def phase_train(args) -> None:
     batch, layers = PARTS[args.part]
-    run = Path(args.runs) / args.part
-    if not (run / "config.json").exists():
-        evonas("search", *HOST, "--data-dir", args.data_dir, "--out", str(run))
     names = ",".join(str(LAYERS / n) if n.endswith(".json") else n for n in layers
                      if not n.endswith(".json") or (LAYERS / n).exists())
-    evonas("train", str(run), *_plan(batch), "--baselines", names, "--data-dir", args.data_dir,
-           "--workers", str(args.workers))
-    kept = FOUND / "runs" / args.part
-    for name in KEEP:
-        (kept / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(run / name, kept / name)
-    print(f"part {args.part} kept in {kept}")
+    train_on_host(Path(args.runs) / args.part, names, args.data_dir, args.workers,
+                  FOUND / "runs" / args.part, plan=_plan(batch))
 
 
 def phase_table(args) -> None:

@@ -62,17 +62,23 @@ def baselines(part: int) -> str:
     return ",".join(str(LAYERS / n) if n.endswith(".json") else n for n in PARTS[part])
 
 
-def train_part(part: int, data_dir: str, runs: Path, workers: int) -> None:
-    run = runs / f"part{part}"
+def train_on_host(run: Path, layers: str, data_dir: str, workers: int, kept: Path,
+                  plan: list[str] = TRAIN) -> None:
+    """`evonas train` of `layers` (--baselines) on a host run made on first use, then the
+    files that define the stage copied to `kept`, to be committed."""
     if not (run / "config.json").exists():
         evonas("search", *HOST, "--data-dir", data_dir, "--out", str(run))
-    evonas("train", str(run), *TRAIN, "--baselines", baselines(part), "--data-dir", data_dir,
+    evonas("train", str(run), *plan, "--baselines", layers, "--data-dir", data_dir,
            "--workers", str(workers))
-    kept = PANEL / "runs" / f"part{part}"
     for name in KEEP:
         (kept / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(run / name, kept / name)
-    print(f"part {part} kept in {kept}")
+    print(f"{run.name} kept in {kept}")
+
+
+def train_part(part: int, data_dir: str, runs: Path, workers: int) -> None:
+    train_on_host(runs / f"part{part}", baselines(part), data_dir, workers,
+                  PANEL / "runs" / f"part{part}")
 
 
 def main() -> None:

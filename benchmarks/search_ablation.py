@@ -232,7 +232,7 @@ def phase_compare(args) -> None:
         run = load_run(p)
         for cand, ev in run.leaderboard(10**9):
             score = statistics.mean(ev.fitness.values())
-            kinds = ["found"] + ([] if _uses_batch_axes(run.genome(cand.candidate_id))
+            kinds = ["found"] + ([] if uses_batch_axes(run.genome(cand.candidate_id))
                                  else ["found_s"])
             for kind in kinds:
                 if best[kind] is None or score > best[kind][2]:
@@ -275,7 +275,7 @@ def phase_compare(args) -> None:
     print(json.dumps(result["found"], indent=1))
 
 
-def _uses_batch_axes(genome) -> bool:
+def uses_batch_axes(genome) -> bool:
     from evonas.layers.ops import op
 
     return any(op(name).axes == "NHW" for name in genome.ops_used)
