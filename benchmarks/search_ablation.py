@@ -15,7 +15,9 @@ evaluation count, `--budget 100evals`, works too); --proxy-config and --rungs gi
 search a calibration's proxy and a fidelity ladder. `analyse` writes results.json and
 best_so_far.png: the best mean fitness at the top rung (the proxy's, without a ladder)
 against evaluations and against CPU-seconds (the ladder's trainings included), read off at
-the same CPU spend and evaluation count for every run. `compare` trains the
+the same CPU spend and evaluation count for every run, each run's best ranked as the
+search ranks it (the highest rung reached, then the mean fitness there), and per seed
+whether evolution is ahead of random search at equal CPU. `compare` trains the
 best layer found by evolution beside bn_relu, gn_relu, evonorm_b0 and evonorm_s0 at
 batch 128 and batch 8.
 """
@@ -96,37 +98,50 @@ def _load(run: Path) -> dict:
 
 def _curve(run: Path, raw: dict) -> dict[str, list]:
     """One point per finished evaluation or rung training, in the order the journal holds
-    them: the best mean fitness at the search's top rung so far (-inf until a layer
-    reaches it; an LM's fitness, -bits per character, is negative), the device-seconds
-    spent, the ladder's trainings included, and the evaluations finished.
+    them: the search's best layer so far, ranked as the search ranks (SearchState.rank_key:
+    the highest rung reached, then the mean fitness there), as its mean fitness ("best";
+    -inf before the first survivor; an LM's fitness, -bits per character, is negative) and
+    the rung it is from ("best_steps", the proxy's steps without a ladder); the
+    device-seconds spent, the ladder's trainings included; and the evaluations finished.
 
-    The top rung is what a search with a fidelity ladder selects by (SearchState.rank_key
-    puts it first); without a ladder it is the proxy itself. Scores of lower rungs are
-    not comparable with it (a longer training scores higher), so they count as cost only."""
+    Scores of different rungs are not comparable (a longer training scores higher), so a
+    run's best is a pair, and a run whose promotions all failed at the top rung is ranked
+    by its best score below it, under every run that has one there."""
     from evonas.search.state import journal_entries
 
-    rungs = json.loads((run / "config.json").read_text()).get("rungs") or []
-    top = rungs[-1] if len(rungs) > 1 else None  # None: the proxy is the top rung
-    best, spent, evaluations = -float("inf"), 0.0, 0
-    curve: dict[str, list] = {"best": [], "spent_s": [], "evaluations": []}
+    config = json.loads((run / "config.json").read_text())
+    rungs = config.get("rungs") or [config["proxy_steps"]]  # rung 0 is the proxy
+    best = (-1, -float("inf"))  # (rung index, mean fitness)
+    spent, evaluations = 0.0, 0
+    curve: dict[str, list] = {"best": [], "best_steps": [], "spent_s": [], "evaluations": []}
     for entry in journal_entries(run / "journal.jsonl", int(raw["journal_bytes"])):
         if "evaluation" in entry:
             ev = entry["evaluation"]
             spent += sum(ev["stage_seconds"].values())
             evaluations += 1
-            if top is None and ev["status"] == "survivor":
-                best = max(best, statistics.mean(ev["fitness"].values()))
+            if ev["status"] == "survivor":
+                best = max(best, (0, statistics.mean(ev["fitness"].values())))
         elif "rung" in entry:
             rung = entry["rung"]
             spent += rung["seconds"]
-            if rung["steps"] == top and rung["fitness"]:
-                best = max(best, statistics.mean(rung["fitness"].values()))
+            if rung["fitness"]:
+                best = max(best, (rungs.index(rung["steps"]),
+                                  statistics.mean(rung["fitness"].values())))
         else:  # a promotion: decided, not yet trained
             continue
-        curve["best"].append(best)
+        curve["best"].append(best[1])
+        curve["best_steps"].append(rungs[best[0]] if best[0] >= 0 else None)
         curve["spent_s"].append(spent)
         curve["evaluations"].append(evaluations)
     return curve
+
+
+def _best_until(r: dict, axis: str, limit: float) -> tuple:
+    """The run's best (rung steps, mean fitness) at the last point with axis <= limit."""
+    points = [i for i, v in enumerate(r[axis]) if v <= limit]
+    if not points:
+        return None, -float("inf")
+    return r["curve_best_steps"][points[-1]], r["curve_best"][points[-1]]
 
 
 def phase_analyse(args) -> dict:
@@ -136,15 +151,19 @@ def phase_analyse(args) -> dict:
     stopped, stage_cost, stage_n = Counter(), Counter(), Counter()
     total_evals, total_seconds, driver_seconds = 0, 0.0, 0.0
     for name, state in runs.items():
-        best, spent, counted = (state["curve"][k] for k in ("best", "spent_s", "evaluations"))
+        best, steps, spent, counted = (state["curve"][k] for k in
+                                       ("best", "best_steps", "spent_s", "evaluations"))
         evs = list(state["evaluations"].values())
         result["runs"][name] = {
             "evaluations": len(evs), "best": best[-1] if best else 0.0,
+            "best_steps": steps[-1] if steps else None,
             "best_at_half": best[len(best) // 2 - 1] if best else 0.0,
+            "best_at_half_steps": steps[len(steps) // 2 - 1] if steps else None,
             "device_seconds": spent[-1] if spent else 0.0,
             "statuses": dict(Counter(e["status"] for e in evs)),
             "reached": state["reached"],  # candidates trained at each rung above the proxy
-            "curve_best": best, "curve_spent_s": spent, "curve_evaluations": counted}
+            "curve_best": best, "curve_best_steps": steps, "curve_spent_s": spent,
+            "curve_evaluations": counted}
         for e in evs:
             stage = {"survivor": "survived", "duplicate": "duplicate",
                      "failed": "failed"}.get(e["status"], e["reject_stage"])
@@ -169,19 +188,30 @@ def phase_analyse(args) -> dict:
     equal_n = min(r["evaluations"] for r in curves) if result["runs"] else 0
     result["equal_cpu_seconds"], result["equal_evaluations"] = equal_s, equal_n
     for r in curves:
-        r["best_at_equal_cpu"] = max([b for b, t in zip(r["curve_best"], r["curve_spent_s"])
-                                      if t <= equal_s] or [0.0])
-        r["best_at_equal_evals"] = max([b for b, n in zip(r["curve_best"], r["curve_evaluations"])
-                                        if n <= equal_n] or [0.0])
+        r["best_at_equal_cpu_steps"], r["best_at_equal_cpu"] = _best_until(
+            r, "curve_spent_s", equal_s)
+        r["best_at_equal_evals_steps"], r["best_at_equal_evals"] = _best_until(
+            r, "curve_evaluations", equal_n)
+    # Mean and spread over the seeds whose best is at the top rung (the others' scores are
+    # from a shorter training and would not compare); how many that is is said beside.
+    top = max((s for r in curves for s in r["curve_best_steps"] if s is not None), default=None)
     for c in CONTROLLERS:
         mine = [r for n, r in result["runs"].items() if n.startswith(c)]
         if mine:
-            result[c] = {"seeds": len(mine)}
-            for key in ("best", "best_at_half", "best_at_equal_cpu", "best_at_equal_evals",
-                        "evaluations"):
-                values = [r[key] for r in mine]
-                result[c][key + "_mean"] = statistics.mean(values)
+            result[c] = {"seeds": len(mine), "top_rung_steps": top,
+                         "evaluations_mean": statistics.mean(r["evaluations"] for r in mine)}
+            for key in ("best", "best_at_half", "best_at_equal_cpu", "best_at_equal_evals"):
+                values = [r[key] for r in mine if r[key + "_steps"] == top]
+                result[c][key + "_at_top_rung"] = len(values)
+                result[c][key + "_mean"] = statistics.mean(values) if values else None
                 result[c][key + "_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    # Per seed, evolution against random search at equal CPU, ranked as a search ranks.
+    result["evolution_ahead_at_equal_cpu"] = {}
+    for name, r in result["runs"].items():
+        if name.startswith("evolution-") and f"random-{name[10:]}" in result["runs"]:
+            other = result["runs"][f"random-{name[10:]}"]
+            result["evolution_ahead_at_equal_cpu"][name[10:]] = _equal_cpu_rank(r) > \
+                _equal_cpu_rank(other)
     (out_dir / "results.json").write_text(json.dumps(result, indent=1))
     _plot(result, out_dir / "best_so_far.png")
     summary = {k: v for k, v in result.items() if k != "runs"}
@@ -189,6 +219,12 @@ def phase_analyse(args) -> dict:
                        for n, r in result["runs"].items()}
     print(json.dumps(summary, indent=1))
     return result
+
+
+def _equal_cpu_rank(r: dict) -> tuple:
+    """A run's best at equal CPU as a search ranks it: a longer rung first (steps grow with
+    the rung), then the mean fitness there."""
+    return r["best_at_equal_cpu_steps"] or 0, r["best_at_equal_cpu"]
 
 
 def _plot(result: dict, path: Path) -> None:
@@ -199,11 +235,15 @@ def _plot(result: dict, path: Path) -> None:
     FigureCanvasAgg(fig)
     ax1, ax2 = fig.subplots(1, 2)
     colours = {"evolution": "tab:red", "random": "tab:blue"}
+    top = max((s for r in result["runs"].values() for s in r["curve_best_steps"]
+               if s is not None), default=None)
     for name, r in result["runs"].items():
         c = colours[name.split("-")[0]]
-        ax1.plot(r["curve_evaluations"], r["curve_best"], color=c, alpha=0.8,
-                 label=name)
-        ax2.plot([s / 3600 for s in r["curve_spent_s"]], r["curve_best"], color=c, alpha=0.8)
+        # Only the top rung's scores are drawn: a shorter rung's do not compare with them.
+        best = [b if s == top else float("nan")
+                for b, s in zip(r["curve_best"], r["curve_best_steps"])]
+        ax1.plot(r["curve_evaluations"], best, color=c, alpha=0.8, label=name)
+        ax2.plot([t / 3600 for t in r["curve_spent_s"]], best, color=c, alpha=0.8)
     # Fitness is accuracy for the classifiers, -(bits per character) for the LM.
     ylabel = "best mean fitness at the top rung"
     ax1.set(xlabel="evaluations", ylabel=ylabel)
