@@ -110,8 +110,8 @@ def _curve(run: Path, raw: dict) -> dict[str, list]:
     from evonas.search.state import journal_entries
 
     config = json.loads((run / "config.json").read_text())
-    rungs = config.get("rungs") or [config["proxy_steps"]]  # rung 0 is the proxy
-    best = (-1, -float("inf"))  # (rung index, mean fitness)
+    proxy = (config.get("rungs") or [config["proxy_steps"]])[0]  # rung 0 is the proxy
+    best = (0, -float("inf"))  # (rung steps, mean fitness): steps grow with the rung
     spent, evaluations = 0.0, 0
     curve: dict[str, list] = {"best": [], "best_steps": [], "spent_s": [], "evaluations": []}
     for entry in journal_entries(run / "journal.jsonl", int(raw["journal_bytes"])):
@@ -120,17 +120,16 @@ def _curve(run: Path, raw: dict) -> dict[str, list]:
             spent += sum(ev["stage_seconds"].values())
             evaluations += 1
             if ev["status"] == "survivor":
-                best = max(best, (0, statistics.mean(ev["fitness"].values())))
+                best = max(best, (proxy, statistics.mean(ev["fitness"].values())))
         elif "rung" in entry:
             rung = entry["rung"]
             spent += rung["seconds"]
             if rung["fitness"]:
-                best = max(best, (rungs.index(rung["steps"]),
-                                  statistics.mean(rung["fitness"].values())))
+                best = max(best, (rung["steps"], statistics.mean(rung["fitness"].values())))
         else:  # a promotion: decided, not yet trained
             continue
         curve["best"].append(best[1])
-        curve["best_steps"].append(rungs[best[0]] if best[0] >= 0 else None)
+        curve["best_steps"].append(best[0] or None)
         curve["spent_s"].append(spent)
         curve["evaluations"].append(evaluations)
     return curve
@@ -194,11 +193,12 @@ def phase_analyse(args) -> dict:
             r, "curve_evaluations", equal_n)
     # Mean and spread over the seeds whose best is at the top rung (the others' scores are
     # from a shorter training and would not compare); how many that is is said beside.
-    top = max((s for r in curves for s in r["curve_best_steps"] if s is not None), default=None)
+    top = result["top_rung_steps"] = max(
+        (s for r in curves for s in r["curve_best_steps"] if s is not None), default=None)
     for c in CONTROLLERS:
         mine = [r for n, r in result["runs"].items() if n.startswith(c)]
         if mine:
-            result[c] = {"seeds": len(mine), "top_rung_steps": top,
+            result[c] = {"seeds": len(mine),
                          "evaluations_mean": statistics.mean(r["evaluations"] for r in mine)}
             for key in ("best", "best_at_half", "best_at_equal_cpu", "best_at_equal_evals"):
                 values = [r[key] for r in mine if r[key + "_steps"] == top]
@@ -235,8 +235,7 @@ def _plot(result: dict, path: Path) -> None:
     FigureCanvasAgg(fig)
     ax1, ax2 = fig.subplots(1, 2)
     colours = {"evolution": "tab:red", "random": "tab:blue"}
-    top = max((s for r in result["runs"].values() for s in r["curve_best_steps"]
-               if s is not None), default=None)
+    top = result["top_rung_steps"]
     for name, r in result["runs"].items():
         c = colours[name.split("-")[0]]
         # Only the top rung's scores are drawn: a shorter rung's do not compare with them.
