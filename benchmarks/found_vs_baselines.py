@@ -3,17 +3,18 @@ and batch 8, with the reference panel's plan (benchmarks/panel_train.py: ResNet-
 MobileNetV2 at width 8, two seeds, two epochs, SGD lr 0.1 and weight decay 5e-4 at batch
 128, scaled linearly with the batch).
 
-    python benchmarks/found_vs_baselines.py pick --searches runs/ablation-s,runs/ablation-f
+    python benchmarks/found_vs_baselines.py pick --searches benchmarks/runs/ladder-s,benchmarks/runs/ladder-f
     python benchmarks/found_vs_baselines.py train --part b8-base --data-dir /tmp/cifar10
     python benchmarks/found_vs_baselines.py train --part b8-found --data-dir /tmp/cifar10
     python benchmarks/found_vs_baselines.py train --part b128-found --data-dir /tmp/cifar10
     python benchmarks/found_vs_baselines.py table
 
 `pick` reads every search run under the --searches folders (search_ablation.py's, both
-controllers) and writes two genome files to benchmarks/found/cifar10/layers/: the best
-layer overall and the best batch-independent one (no statistic over the batch axes),
-ranked as a search ranks (the highest rung reached, then the mean fitness there); one
-file when the best layer is batch-independent. `train`
+controllers) and writes genome files to benchmarks/found/cifar10/layers/: the best layer
+overall, the best batch-independent one (no statistic over the batch axes) and the best
+one with batch statistics (BN's kind), ranked as a search ranks (the highest rung
+reached, then the mean fitness there); the best overall is one of the other two and is
+written once, under that one's name. `train`
 runs one part as panel_train.py runs one: `evonas train` on a host run with the part's
 layers as --baselines, resumable by the same command, its defining files copied to
 benchmarks/found/cifar10/runs/<part>/ when done. The baselines at batch 128 are the
@@ -37,7 +38,7 @@ HERE = Path(__file__).resolve().parent
 FOUND = HERE / "found" / "cifar10"
 LAYERS = FOUND / "layers"
 BASELINES = ["bn_relu", "gn_relu", "evonorm_b0", "evonorm_s0"]
-FOUND_LAYERS = ["found_best.json", "found_batch_independent.json"]
+FOUND_LAYERS = ["found_batch_independent.json", "found_batch_dependent.json"]
 PARTS = {
     "b128-found": (128, FOUND_LAYERS),
     "b8-base": (8, BASELINES),
@@ -66,22 +67,21 @@ def phase_pick(args) -> None:
                 key = run.state.rank_key(ev)
                 genome = run.genome(ev.candidate_id)
                 independent = not uses_batch_axes(genome)
-                for kind in ["found_best"] + (["found_batch_independent"] if independent else []):
-                    if kind not in best or key[:2] < best[kind][0][:2]:
-                        best[kind] = (key, run, ev.candidate_id, genome)
-    if "found_batch_independent" in best and best["found_best"][1:3] == best[
-            "found_batch_independent"][1:3]:
-        del best["found_best"]  # the best layer is batch-independent: trained once
+                kind = "found_batch_independent" if independent else "found_batch_dependent"
+                if kind not in best or key[:2] < best[kind][0][:2]:
+                    best[kind] = (key, run, ev.candidate_id, genome)
+    overall = min(best, key=lambda kind: best[kind][0][:2])
     LAYERS.mkdir(parents=True, exist_ok=True)
     for kind, (key, run, cid, genome) in best.items():
         steps, fitness = run.state.score(run.state.evaluations[cid])
         data = {**genome.to_dict(), "name": kind}
         (LAYERS / f"{kind}.json").write_text(json.dumps(data, indent=1) + "\n")
         source = {"run": str(run.path), "candidate_id": cid, "formula": symbolic.formula(genome),
-                  "rung_steps": steps, "fitness": fitness}
+                  "rung_steps": steps, "fitness": fitness, "best_overall": kind == overall}
         (LAYERS / f"{kind}.source.json").write_text(json.dumps(source, indent=1) + "\n")
         print(f"{kind}: {source['formula']}  ({run.path.name} {cid}, "
-              f"{statistics.mean(fitness.values()):.4f} at {steps or 'proxy'} steps)")
+              f"{statistics.mean(fitness.values()):.4f} at {steps or 'proxy'} steps)"
+              + ("  best overall" if kind == overall else ""))
 
 
 def phase_train(args) -> None:
